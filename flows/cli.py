@@ -1,0 +1,101 @@
+"""`orca`: the command line.
+
+    orca run --recipe tiny [--set sources.seed=1]   run the pipeline flow
+    orca recipe show tiny [--set ...]               print the resolved recipe
+    orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
+    orca store ls --recipe tiny                     the artifacts in the store
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orca_core.recipe import RecipeError, load_recipe, recipe_hash, recipe_yaml
+from orca_core.steps import STEPS, explain, plan_key
+from orca_core.store import ArtifactStore
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="orca-pipeline: teach small models to reason, Orca-style.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(store_app, name="store")
+console = Console()
+
+RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name in configs/ or a YAML path.")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: train.lr=1e-4 (repeatable).")]
+
+
+def _load(recipe: str, overrides: list[str] | None):
+    try:
+        return load_recipe(recipe, overrides or [])
+    except RecipeError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> None:
+    """Run the pipeline flow on a recipe and print what ran, what was Cached, and where the outputs are."""
+    resolved = _load(recipe, set_)  # fail on a bad recipe before Prefect starts
+    from flows.pipeline import orca_pipeline
+
+    outcomes = orca_pipeline(recipe=recipe, overrides=set_ or [])
+    table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
+    for column in ("step", "state", "key", "rows", "seconds", "artifact"):
+        table.add_column(column, overflow="fold")
+    for o in outcomes:
+        state = f"[green]{o['state']}[/green]" if o["state"] == "Cached" else o["state"]
+        rows = ", ".join(f"{k}={v}" for k, v in o["rows"].items())
+        table.add_row(o["step"], state, o["key"][:12], rows, f"{o['seconds']:.1f}", o["artifact"])
+    console.print(table)
+
+
+@recipe_app.command("show")
+def recipe_show(name: str, set_: SetOpt = None) -> None:
+    """Print the resolved recipe (parents merged, overrides applied, defaults filled)."""
+    resolved = _load(name, set_)
+    console.print(f"# recipe hash {recipe_hash(resolved)}", highlight=False)
+    console.print(recipe_yaml(resolved), highlight=False, markup=False)
+
+
+@app.command("explain")
+def explain_cmd(step: str, recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> None:
+    """Say whether STEP would hit the cache; if not, which key fields differ from the nearest artifact."""
+    if step not in STEPS:
+        console.print(f"[red]error:[/red] unknown step {step!r}; steps: {', '.join(STEPS)}")
+        raise typer.Exit(2)
+    resolved = _load(recipe, set_)
+    store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
+    console.print(explain(store, STEPS[step], resolved).render(), highlight=False, markup=False)
+
+
+@store_app.command("ls")
+def store_ls(recipe: RecipeOpt = "tiny", set_: SetOpt = None, as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the artifacts in the recipe's store; marks the ones this recipe would use."""
+    resolved = _load(recipe, set_)
+    store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
+    rows = []
+    for name, step in STEPS.items():
+        wanted = plan_key(step, resolved)
+        for key in store.keys(name):
+            manifest = store.read_json(name, key, "manifest.json")
+            rows.append({"step": name, "key": key, "used_by_recipe": key == wanted, "rows": manifest["rows"],
+                         "created_at": manifest["created_at"], "url": store.url(name, key)})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"store {store.url()}")
+    for column in ("step", "key", "recipe", "rows", "created", "url"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        table.add_row(r["step"], r["key"][:12], "*" if r["used_by_recipe"] else "", str(r["rows"]), r["created_at"], r["url"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,255 @@
+"""The recipe: every setting of the pipeline, as pydantic models.
+
+A recipe is YAML in `configs/`; `orca_core.recipe.load_recipe` reads it.
+Unknown fields are errors (a typo must not silently fall back to a default).
+Sections for steps that are not built yet are validated data only: no code
+runs them until their step exists.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SubCollection = Literal["cot", "niv2", "t0", "flan2021", "dialog"]
+Strategy = Literal[
+    "step-by-step",
+    "recall-then-generate",
+    "recall-reason-generate",
+    "extract-generate",
+    "explain-then-answer",
+    "direct-answer",
+]
+# The generic system message of Orca 2's model card, used after prompt erasing.
+ORCA2_CAUTIOUS_SYSTEM_MESSAGE = (
+    "You are Orca, an AI language model created by Microsoft. You are a cautious assistant. "
+    "You carefully follow instructions. You are helpful and harmless and you follow ethical "
+    "guidelines and promote positive behavior."
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(Section):
+    root: str = "./runs"  # any fsspec URL: ./runs, file:///data/orca, s3://bucket/orca, memory://x
+    verify: Literal["sha256", "size"] = "sha256"  # how a cache hit checks its files
+
+
+class PrefectConfig(Section):
+    retries: int = Field(2, ge=0)
+    retry_delay_s: float = Field(5.0, gt=0)  # first delay; doubles on each further retry
+    retry_jitter: float = Field(0.5, ge=0)  # +/- fraction of each delay
+
+
+class RayConfig(Section):
+    address: str = "local"  # "local" starts a private runtime; "auto" or ray://host:10001 joins a cluster
+    num_cpus: int | None = Field(2, gt=0)
+    actor_cpus: float = Field(0.25, gt=0)
+
+
+class ProceduralSources(Section):
+    """The offline suite: reasoning-gym generators shaped like FLAN-v2."""
+
+    families: list[str] | None = None  # None: every family of the suite
+    train_per_family: int = Field(gt=0)
+    heldout_per_family: int = Field(ge=0)
+    generator_options: dict[str, dict[str, Any]] = {}  # family -> reasoning-gym settings over the suite's
+
+
+class FlanSources(Section):
+    """The FLAN-v2 collection, sampled with Orca 1's rules."""
+
+    paths: list[str] = []  # local Parquet / JSONL / JSONL.gz files (globs allowed)
+    dataset: str | None = None  # or a `datasets` name / local dataset folder
+    dataset_split: str = "train"
+    zero_shot_only: bool = True
+    # Target rows per sub-collection; null = all of it (Orca 1 took all of CoT).
+    counts: dict[SubCollection, int | None] = {
+        "cot": None, "niv2": 440_000, "flan2021": 2_500_000, "t0": 2_000_000, "dialog": 0,
+    }
+    niv2_max_per_task: int = Field(300, gt=0)
+    t0_exclude_task_pattern: str = r"(?i)big_?bench|bbh"  # BIG-bench is an eval set (BBH)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> FlanSources:
+        if bool(self.paths) == bool(self.dataset):
+            raise ValueError("set exactly one of `paths` or `dataset`")
+        return self
+
+    @field_validator("counts")
+    @classmethod
+    def _non_negative(cls, counts: dict) -> dict:
+        for name, n in counts.items():
+            if n is not None and n < 0:
+                raise ValueError(f"counts.{name} must be >= 0 or null")
+        return counts
+
+
+class SourcesConfig(Section):
+    seed: int = 0
+    procedural: ProceduralSources | None = None
+    flan: FlanSources | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> SourcesConfig:
+        if self.procedural is None and self.flan is None:
+            raise ValueError("set at least one of `procedural` or `flan`")
+        return self
+
+
+class OracleSettings(Section):
+    """Behaviour of the built-in oracle teacher (the embedded default)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1)
+    latency_ms: float = Field(50.0, ge=0)
+    fault_rate: float = Field(0.0, ge=0, le=1)
+
+
+class TeacherEndpoint(Section):
+    kind: Literal["oracle", "openai", "azure", "vllm"]
+    model: str
+    base_url: str | None = None  # oracle: started by the flow on a free 127.0.0.1 port
+    api_key_env: str | None = None  # the NAME of the env var holding the key, never the key
+    api_version: str | None = None  # Azure OpenAI only
+    rpm: int = Field(gt=0)
+    tpm: int | None = Field(None, gt=0)
+    max_concurrency: int = Field(16, gt=0)
+    timeout_s: float = Field(60.0, gt=0)
+    max_attempts: int = Field(6, gt=0)
+    temperature: float = Field(0.7, ge=0, le=2)  # Orca's GPT-4 settings
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(1024, gt=0)
+    context_window: int = Field(8192, gt=0)
+    price_prompt_per_1k: float = Field(0.0, ge=0)
+    price_completion_per_1k: float = Field(0.0, ge=0)
+    oracle: OracleSettings | None = None
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("must name an environment variable (the key itself never goes in a recipe)")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint_complete(self) -> TeacherEndpoint:
+        if self.kind in ("azure", "vllm") and not self.base_url:
+            raise ValueError(f"base_url is required for kind {self.kind!r}")
+        if self.kind == "azure" and not self.api_version:
+            raise ValueError("api_version is required for kind 'azure'")
+        return self
+
+
+class TeachersConfig(Section):
+    assistant: TeacherEndpoint  # the cheaper teacher (ChatGPT in Orca 1)
+    strong: TeacherEndpoint  # the strong teacher (GPT-4 in Orca 1)
+    max_cost_usd: float | None = Field(None, gt=0)
+
+
+class PromptsConfig(Section):
+    version: str = "orca-prompts-v1"
+    strong_fraction: float = Field(0.2, ge=0, le=1)  # Orca 1: 1M of the 5M queries
+    default_strategy: Strategy | Literal["auto"] = "step-by-step"
+    strategies: dict[str, Strategy | Literal["auto"]] = {}  # task_name -> strategy
+    selection_samples: int = Field(8, gt=0)  # k gold-labelled samples per task for `auto`
+    generic_system_message: str = ORCA2_CAUTIOUS_SYSTEM_MESSAGE
+
+
+class FiltersConfig(Section):
+    gold_check: bool = True
+    drop_refusals: bool = True
+    drop_truncated: bool = True
+    min_response_chars: int = Field(1, ge=0)
+    max_response_chars: int = Field(20_000, gt=0)
+    exact_dedup: bool = True
+    near_dup_threshold: float | None = Field(0.9, gt=0, le=1)  # MinHash Jaccard; null = off
+    contamination_ngram: int | None = Field(13, gt=0)  # null = off
+
+
+class TokenizerConfig(Section):
+    kind: Literal["train_bpe", "pretrained"]
+    path: str | None = None  # pretrained: a local folder or hub name
+    vocab_size: int = Field(2048, gt=0)  # train_bpe only
+
+
+class ModelConfig(Section):
+    kind: Literal["random_init", "pretrained"]
+    path: str | None = None  # pretrained: a local folder or hub name
+    architecture: dict[str, int | float | str | bool] = {}  # random_init: LlamaConfig fields
+    tokenizer: TokenizerConfig
+
+    @model_validator(mode="after")
+    def _path_when_pretrained(self) -> ModelConfig:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("path is required when kind is 'pretrained'")
+        return self
+
+
+class StageConfig(Section):
+    name: str
+    data: Literal["flan", "orca1", "orca2"]
+    epochs: int = Field(gt=0)
+    lr: float | None = Field(None, gt=0)  # overrides train.lr for this stage
+    orca1_replay_ratio: float = Field(0.0, ge=0)  # orca2 stage: strong Orca 1 traces replayed
+
+
+class CurriculumConfig(Section):
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages
+
+
+class TrainConfig(Section):
+    lr: float = Field(gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_len: int = Field(gt=0)
+    grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deepspeed_config: str = "infra/deepspeed/zero2.json"
+    zero_stage: int = Field(2, ge=0, le=3)
+    workers: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    overlong: Literal["truncate", "drop"] = "truncate"
+
+
+class EvalConfig(Section):
+    backend: Literal["vllm", "hf"] = "vllm"
+    suite: str = "procedural-heldout"
+    system_messages: list[Literal["empty", "cautious"]] = ["empty", "cautious"]
+    max_new_tokens: int = Field(256, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    bootstrap_samples: int = Field(1000, gt=0)
+    limit: int | None = Field(None, gt=0)  # examples per benchmark; null = all
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    seed: int = 0
+    store: StoreConfig = StoreConfig()
+    prefect: PrefectConfig = PrefectConfig()
+    ray: RayConfig = RayConfig()
+    sources: SourcesConfig
+    teachers: TeachersConfig
+    prompts: PromptsConfig = PromptsConfig()
+    filters: FiltersConfig = FiltersConfig()
+    model: ModelConfig
+    curriculum: CurriculumConfig
+    train: TrainConfig
+    eval: EvalConfig = EvalConfig()

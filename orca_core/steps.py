@@ -1,0 +1,146 @@
+"""The DAG's steps: what each reads from the recipe, what it builds, and its key.
+
+A `Step` is plain data + functions: `tasks/` wraps each one as a Prefect task
+(cache key = step key), and `orca explain` uses the same definitions, so the
+key that the CLI explains is the key the flow uses. Keys are derivable from
+the recipe alone (upstream keys are computed, not looked up), so a whole
+plan of keys exists before anything runs.
+
+Bump a step's `version` whenever its code changes what it writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orca_core.keys import diff_components, key_components, step_key
+from orca_core.recipe.models import Recipe
+from orca_core.sources import build_sources
+from orca_core.sources import flan as flan_source
+from orca_core.store import ArtifactRef, ArtifactStore
+
+log = logging.getLogger(__name__)
+
+BuildFn = Callable[[Recipe, dict[str, Path], Path], tuple[dict[str, int], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    version: int
+    reads: Callable[[Recipe], dict[str, Any]]  # the recipe fields the step reads (JSON)
+    build: BuildFn  # (recipe, upstream artifact folders, output folder) -> (rows, stats)
+    inputs: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}  # content hashes of input files
+    upstream: tuple[str, ...] = field(default=())
+
+
+# -- sources ---------------------------------------------------------------------
+def _sources_reads(recipe: Recipe) -> dict[str, Any]:
+    cfg = recipe.sources.model_dump(mode="json")
+    if cfg.get("flan"):
+        cfg["flan"].pop("paths")  # file paths never enter a key: their content hashes do
+        if Path(cfg["flan"]["dataset"] or "").expanduser().is_dir():
+            cfg["flan"]["dataset"] = "<local folder>"
+    return {"sources": cfg}
+
+
+def _sources_inputs(recipe: Recipe) -> dict[str, Any]:
+    return {"flan_files": flan_source.input_hashes(recipe.sources.flan)} if recipe.sources.flan else {}
+
+
+def _sources_build(recipe: Recipe, upstream: dict[str, Path], out: Path) -> tuple[dict[str, int], dict[str, Any]]:
+    return build_sources(recipe.sources, out)
+
+
+SOURCES = Step("sources", version=1, reads=_sources_reads, build=_sources_build, inputs=_sources_inputs)
+
+STEPS: dict[str, Step] = {step.name: step for step in [SOURCES]}
+
+
+# -- keys ------------------------------------------------------------------------
+def components(step: Step, recipe: Recipe) -> dict[str, Any]:
+    """key.json of `step` under `recipe` (upstream keys computed recursively)."""
+    upstream = {name: plan_key(STEPS[name], recipe) for name in step.upstream}
+    return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe))
+
+
+def plan_key(step: Step, recipe: Recipe) -> str:
+    return step_key(components(step, recipe))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    ref: ArtifactRef
+    cached: bool
+    seconds: float
+    rows: dict[str, int]
+
+
+def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, Any] | None = None) -> StepResult:
+    """The step's artifact: the verified one in the store, else built and published now."""
+    started = time.perf_counter()
+    comps = comps or components(step, recipe)
+    key = step_key(comps)
+    ref = store.lookup(step.name, key)
+    if ref is not None:
+        return StepResult(ref, True, time.perf_counter() - started, store.manifest(ref)["rows"])
+    upstream_dirs = {}
+    for name, upstream_key in comps["upstream"].items():
+        upstream_ref = store.lookup(name, upstream_key)
+        if upstream_ref is None:
+            raise RuntimeError(f"step {step.name}: upstream {name}/{upstream_key[:12]} is not in the store; run it first")
+        upstream_dirs[name] = store.local_dir(upstream_ref)
+    log.info("building %s/%s", step.name, key[:12])
+    with store.staging(step.name, key) as staged:
+        rows, stats = step.build(recipe, upstream_dirs, staged)
+        ref = store.publish(step.name, key, comps, staged, rows=rows, stats=stats)
+    return StepResult(ref, False, time.perf_counter() - started, rows)
+
+
+# -- explain ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Explanation:
+    step: str
+    key: str
+    status: str  # "hit", "miss", or "corrupt: <reason>"
+    nearest: str | None = None  # key of the closest existing artifact of this step
+    differences: list[tuple[str, Any, Any]] = field(default_factory=list)  # (field, theirs, ours)
+
+    def render(self) -> str:
+        lines = [f"step {self.step}: key {self.key[:16]}"]
+        if self.status == "hit":
+            lines.append("HIT: a verified artifact with this key is in the store; the step will be Cached.")
+            return "\n".join(lines)
+        if self.status.startswith("corrupt"):
+            lines.append(f"MISS: the artifact with this key is {self.status}; it will be rebuilt.")
+            return "\n".join(lines)
+        if self.nearest is None:
+            lines.append("MISS: no artifact of this step exists in the store yet.")
+            return "\n".join(lines)
+        lines.append(f"MISS: nearest existing artifact {self.nearest[:16]} differs in {len(self.differences)} field(s):")
+        lines += [f"  {path}: {old!r} -> {new!r}" for path, old, new in self.differences]
+        return "\n".join(lines)
+
+
+def explain(store: ArtifactStore, step: Step, recipe: Recipe) -> Explanation:
+    """Would `step` hit the cache, and if not, which key components differ from the nearest artifact."""
+    comps = components(step, recipe)
+    key = step_key(comps)
+    status = store.check(step.name, key)
+    if status == "ok":
+        return Explanation(step.name, key, "hit")
+    if status != "absent":
+        return Explanation(step.name, key, status)
+    best: tuple[int, str, list] | None = None
+    for other in store.keys(step.name):
+        diffs = diff_components(store.read_json(step.name, other, "key.json"), comps)
+        if best is None or len(diffs) < best[0]:
+            best = (len(diffs), other, diffs)
+    if best is None:
+        return Explanation(step.name, key, "miss")
+    return Explanation(step.name, key, "miss", best[1], best[2])

@@ -1,0 +1,102 @@
+"""One uniform way to run an `orca_core` step as a Prefect task.
+
+- Cache key = the step key (content address), so Prefect shows a hit as
+  "Cached", in any flow run, across runs and machines sharing the store.
+- Prefect's result records live inside the artifact store, next to the
+  artifacts they point at.
+- Before calling the task the flow verifies the artifact itself: if it is
+  gone or corrupt, the task runs with `refresh_cache=True`, so a Prefect
+  record can never hand out an artifact that no longer exists.
+- Retries: exponential backoff with jitter, from the recipe's `prefect` section.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import Task, get_run_logger, task
+from prefect.filesystems import RemoteFileSystem
+from prefect.tasks import exponential_backoff
+
+from orca_core.keys import sha256_text, step_key
+from orca_core.recipe.models import Recipe
+from orca_core.steps import Step, components, run_step
+from orca_core.store import ArtifactRef, ArtifactStore
+
+RESULTS_FOLDER = ".prefect-results"
+
+
+def store_for(recipe: Recipe) -> ArtifactStore:
+    return ArtifactStore(recipe.store.root, verify=recipe.store.verify)
+
+
+def result_storage_for(store: ArtifactStore) -> Path | RemoteFileSystem:
+    """Prefect result storage inside the store: a folder, or a saved block for object stores."""
+    if store.is_local:
+        return Path(store.url(RESULTS_FOLDER))
+    block = RemoteFileSystem(basepath=store.url(RESULTS_FOLDER))
+    block.save(f"orca-results-{sha256_text(store.url())[:12]}", overwrite=True)  # Prefect needs it saved
+    return block
+
+
+def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    return parameters["key"]
+
+
+def prefect_step(step: Step) -> Task:
+    """A Prefect task that returns the step's ArtifactRef (building it only when needed)."""
+
+    def run(recipe: dict[str, Any], key: str) -> ArtifactRef:
+        logger = get_run_logger()
+        parsed = Recipe.model_validate(recipe)
+        comps = components(step, parsed)
+        if step_key(comps) != key:
+            raise RuntimeError(f"step {step.name}: the key planned by the flow ({key[:12]}) differs from the task's")
+        result = run_step(store_for(parsed), step, parsed, comps)
+        how = "found verified in the store" if result.cached else "built and published"
+        logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
+        return result.ref
+
+    return task(
+        run,
+        name=step.name,
+        task_run_name=f"{step.name}-{{key:.12}}",
+        cache_key_fn=_cache_key,
+        persist_result=True,
+    )
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    step: str
+    key: str
+    state: str  # Prefect state name: "Cached" or "Completed"
+    ref: ArtifactRef
+    rows: dict[str, int]
+    seconds: float
+
+    @property
+    def cached(self) -> bool:
+        return self.state == "Cached"
+
+
+def call_step(step_task: Task, step: Step, recipe: Recipe) -> StepOutcome:
+    """Run one step inside a flow and report what happened."""
+    started = time.perf_counter()
+    key = step_key(components(step, recipe))
+    store = store_for(recipe)
+    verified = store.lookup(step.name, key) is not None  # moves a corrupt artifact aside (logged)
+    configured = step_task.with_options(
+        refresh_cache=not verified,
+        retries=recipe.prefect.retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=recipe.prefect.retry_delay_s)(max(recipe.prefect.retries, 1)),
+        retry_jitter_factor=recipe.prefect.retry_jitter,
+        result_storage=result_storage_for(store),
+    )
+    state = configured(recipe=recipe.model_dump(mode="json"), key=key, return_state=True)
+    ref = state.result()
+    rows = store.manifest(ref)["rows"]
+    return StepOutcome(step.name, key, state.name, ref, rows, time.perf_counter() - started)
