@@ -46,13 +46,16 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> None:
 
     outcomes = orca_pipeline(recipe=recipe, overrides=set_ or [])
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
-    for column in ("step", "state", "key", "rows", "seconds", "artifact"):
-        table.add_column(column, overflow="fold")
+    for column in ("step", "state", "key", "rows", "seconds"):
+        table.add_column(column)
     for o in outcomes:
         state = f"[green]{o['state']}[/green]" if o["state"] == "Cached" else o["state"]
         rows = ", ".join(f"{k}={v}" for k, v in o["rows"].items())
-        table.add_row(o["step"], state, o["key"][:12], rows, f"{o['seconds']:.1f}", o["artifact"])
+        table.add_row(o["step"], state, o["key"][:12], rows, f"{o['seconds']:.1f}")
     console.print(table)
+    console.print("outputs:")
+    for o in outcomes:
+        console.print(f"  {o['step']:<10} {o['artifact']}", highlight=False, soft_wrap=True)
 
 
 @recipe_app.command("show")

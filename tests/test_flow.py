@@ -1,0 +1,93 @@
+"""The pipeline flow on a real Prefect API: second run Cached, corruption rebuilt, retries with backoff."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.pipeline import orca_pipeline
+from orca_core.recipe import load_recipe
+from orca_core.steps import Step
+from tasks.step import call_step, prefect_step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_run_states(name_prefix: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name_prefix)))
+    return [run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time)]
+
+
+def test_second_run_is_cached_and_a_corrupt_artifact_is_rebuilt(tmp_path):
+    overrides = [f"store.root={tmp_path / 'store'}"]
+    first = orca_pipeline(recipe="smoke", overrides=overrides)
+    second = orca_pipeline(recipe="smoke", overrides=overrides)
+    assert [o["state"] for o in first] == ["Completed"] and [o["state"] for o in second] == ["Cached"]
+    assert first[0]["key"] == second[0]["key"] and first[0]["rows"] == {"train": 160, "heldout": 40}
+    artifact = Path(first[0]["artifact"])
+    assert (artifact / "train.parquet").is_file() and (artifact / "manifest.json").is_file()
+    # Prefect's own records say the same (what the UI shows).
+    assert _task_run_states(f"sources-{first[0]['key'][:12]}")[-2:] == ["Completed", "Cached"]
+    # Prefect result records live in the store, next to the artifacts.
+    assert any((tmp_path / "store" / ".prefect-results").iterdir())
+
+    # Corrupt the artifact: the Prefect cache record must not hand it out again.
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    (artifact / "train.parquet").write_bytes(b"\0" * manifest["files"]["train.parquet"]["size"])
+    third = orca_pipeline(recipe="smoke", overrides=overrides)
+    assert third[0]["state"] == "Completed" and third[0]["key"] == first[0]["key"]
+    assert len(list((tmp_path / "store" / ".corrupt").iterdir())) == 1
+    assert orca_pipeline(recipe="smoke", overrides=overrides)[0]["state"] == "Cached"
+
+
+def test_a_changed_field_the_step_reads_misses_the_cache(tmp_path):
+    overrides = [f"store.root={tmp_path / 'store'}"]
+    base = orca_pipeline(recipe="smoke", overrides=overrides)
+    changed = orca_pipeline(recipe="smoke", overrides=[*overrides, "sources.seed=5"])
+    unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "train.lr=0.5"])
+    assert changed[0]["state"] == "Completed" and changed[0]["key"] != base[0]["key"]
+    assert unrelated[0]["state"] == "Cached" and unrelated[0]["key"] == base[0]["key"]
+
+
+def test_failing_step_retries_with_backoff_then_succeeds(tmp_path):
+    marker = tmp_path / "attempts.txt"
+
+    def flaky_build(recipe, upstream, out):
+        attempts = int(marker.read_text()) + 1 if marker.exists() else 1
+        marker.write_text(str(attempts))
+        if attempts < 3:
+            raise ConnectionError(f"transient failure {attempts}")
+        (out / "ok.txt").write_text("done")
+        return {"ok": 1}, {"attempts": attempts}
+
+    step = Step("flaky", version=1, reads=lambda r: {"seed": r.seed, "store": "flaky-test"}, build=flaky_build)
+    flaky_task = prefect_step(step)
+    recipe = load_recipe("smoke", [f"store.root={tmp_path / 'store'}", "prefect.retries=2",
+                                   "prefect.retry_delay_s=0.5", "prefect.retry_jitter=0"])
+
+    @flow
+    def run_flaky():
+        return call_step(flaky_task, step, recipe)
+
+    outcome = run_flaky()
+    assert outcome.state == "Completed" and outcome.rows == {"ok": 1} and marker.read_text() == "3"
+    with get_client(sync_client=True) as client:
+        run = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="flaky-")))[0]
+        history = client.read_task_run_states(run.id)
+    names = [s.name for s in history]
+    assert names.count("AwaitingRetry") == 2 and names[-1] == "Completed", names
+    assert run.run_count == 3
+    # Exponential backoff from the recipe: 0.5 s, then 1.0 s.
+    delays = [(s.state_details.scheduled_time - s.timestamp).total_seconds() for s in history if s.name == "AwaitingRetry"]
+    assert delays == pytest.approx([0.5, 1.0], abs=0.05)
