@@ -112,46 +112,55 @@ def uniform_task_sample(task_ids: np.ndarray, target: int, rng: np.random.Genera
     return np.sort(np.array([i for task, rows in queues.items() for i in rows[: taken[task]]], dtype=np.int64))
 
 
+def cap_per_task(rows: np.ndarray, task_ids: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndarray:
+    """A random `cap` rows of each task (all of a task that has fewer), in one sort."""
+    shuffled = rng.permutation(len(rows))
+    order = shuffled[np.argsort(task_ids[shuffled], kind="stable")]  # grouped by task, random inside
+    grouped = task_ids[order]
+    rank = np.arange(len(order)) - np.searchsorted(grouped, grouped, side="left")
+    return np.sort(rows[order[rank < cap]])
+
+
 def sample_orca1(table: pa.Table, cfg: FlanSources, seed: int) -> tuple[pa.Table, dict[str, Any]]:
     """Apply Orca 1's sampling rules; returns the sampled rows (source schema) and stats."""
     rng = np.random.default_rng(seed)
     pool_size = table.num_rows
     if cfg.zero_shot_only:
         table = table.filter(pc.starts_with(table["template_type"], "zs"))
-    sources = [SUB_COLLECTION.get(s.lower().replace("/", "").replace(" ", ""), None)
-               for s in table["task_source"].to_pylist()]
-    unknown = sorted({s for s, n in zip(table["task_source"].to_pylist(), sources) if n is None})
+    source_codes = pc.dictionary_encode(table["task_source"]).combine_chunks()
+    spelled = source_codes.dictionary.to_pylist()
+    normalized = [SUB_COLLECTION.get(s.lower().replace("/", "").replace(" ", "")) for s in spelled]
+    unknown = sorted(s for s, n in zip(spelled, normalized) if n is None)
     if unknown:
         raise ValueError(f"sources.flan: unknown task_source values {unknown}; expected CoT, NIv2, Flan2021, T0/P3, Dialog")
-    sub = np.array(sources)
-    tasks = np.array(table["task_name"].to_pylist(), dtype=object)
+    sub = np.array(normalized, dtype=object)[source_codes.indices.to_numpy(zero_copy_only=False)]
+    task_codes = pc.dictionary_encode(table["task_name"]).combine_chunks()
+    task_names = np.array(task_codes.dictionary.to_pylist(), dtype=object)
+    tasks = task_codes.indices.to_numpy(zero_copy_only=False)  # an int per row
     t0_excluded = re.compile(cfg.t0_exclude_task_pattern)
     picked: list[np.ndarray] = []
     stats: dict[str, Any] = {"pool_rows": pool_size, "zero_shot_rows": table.num_rows, "by_sub_collection": {}}
     for name in ("cot", "niv2", "flan2021", "t0", "dialog"):
         rows = np.flatnonzero(sub == name)
-        dropped_tasks = []
+        dropped_tasks: list[str] = []
         if name == "t0":
-            dropped_tasks = sorted({t for t in tasks[rows] if t0_excluded.search(t)})
-            rows = rows[~np.isin(tasks[rows], dropped_tasks)]
-        target = cfg.counts.get(name, 0)
+            present = np.unique(tasks[rows])
+            dropped = present[[bool(t0_excluded.search(task_names[t])) for t in present]]
+            dropped_tasks = sorted(task_names[dropped].tolist())
+            rows = rows[~np.isin(tasks[rows], dropped)]
         if name == "niv2":
-            capped = []
-            for task in np.unique(tasks[rows]):
-                task_rows = rows[tasks[rows] == task]
-                capped.append(rng.choice(task_rows, size=min(len(task_rows), cfg.niv2_max_per_task), replace=False))
-            rows = np.sort(np.concatenate(capped)) if capped else rows[:0]
+            rows = cap_per_task(rows, tasks[rows], cfg.niv2_max_per_task, rng)
+        target = cfg.counts.get(name, 0)
         if target is None or target >= len(rows):
             chosen = rows
         elif name in ("cot", "niv2"):
             chosen = np.sort(rng.choice(rows, size=target, replace=False))
         else:
-            _, task_ids = np.unique(tasks[rows], return_inverse=True)
-            chosen = rows[uniform_task_sample(task_ids, target, rng)] if target else rows[:0]
+            chosen = rows[uniform_task_sample(tasks[rows], target, rng)]
         picked.append(chosen)
         stats["by_sub_collection"][name] = {
             "pool": int(len(rows)), "target": target, "sampled": int(len(chosen)),
-            "tasks": int(len(np.unique(tasks[chosen]))) if len(chosen) else 0,
+            "tasks": int(len(np.unique(tasks[chosen]))),
             **({"excluded_tasks": dropped_tasks} if dropped_tasks else {}),
         }
     indices = np.sort(np.concatenate(picked))
