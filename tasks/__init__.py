@@ -12,5 +12,7 @@ for _name, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # orca_core logs (corrupt artifacts, progress) go to the Prefect run logs too.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "orca_core",
+    # orca_core also runs outside flows (CLI, tests): no warning when there is no run to log to.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }.items():
     os.environ.setdefault(_name, _value)
