@@ -101,12 +101,30 @@ class SourcesConfig(Section):
         return self
 
 
-class OracleSettings(Section):
-    """Behaviour of the built-in oracle teacher (the embedded default)."""
+FaultKind = Literal["http_500", "http_503", "timeout", "drop", "malformed", "empty", "content_filter"]
 
-    error_rate: float = Field(0.0, ge=0, le=1)
-    latency_ms: float = Field(50.0, ge=0)
-    fault_rate: float = Field(0.0, ge=0, le=1)
+
+class OracleSettings(Section):
+    """Behaviour of one model of the built-in oracle teacher (the embedded default)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1)  # chance of a wrong answer when the strategy suits the task
+    strategy_penalty: float = Field(0.4, ge=0, le=1)  # extra chance when it does not (direct-answer: all of it, others: half)
+    explain_depth: float = Field(1.0, gt=0, le=1)  # fraction of the reasoning steps written out
+    latency_ms: float = Field(50.0, ge=0)  # median
+    latency_sigma: float = Field(0.3, ge=0)  # lognormal spread
+    rpm_limit: int | None = Field(None, gt=0)  # server-side limits, answered with 429 + Retry-After
+    tpm_limit: int | None = Field(None, gt=0)
+    context_window: int = Field(8192, gt=0)
+    timeout_sleep_s: float = Field(30.0, gt=0)  # how long a "timeout" fault hangs
+    faults: dict[FaultKind, float] = {}  # fault kind -> rate per request
+    seed: int = 0
+
+    @field_validator("faults")
+    @classmethod
+    def _rates(cls, faults: dict) -> dict:
+        if any(not 0 <= r <= 1 for r in faults.values()) or sum(faults.values()) > 1:
+            raise ValueError("fault rates must be in [0, 1] and sum to at most 1")
+        return faults
 
 
 class TeacherEndpoint(Section):

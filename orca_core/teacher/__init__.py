@@ -1,0 +1,1 @@
+"""Teachers: the OpenAI-compatible client, the shared rate limiter, the oracle teacher server."""
