@@ -39,12 +39,13 @@ def _load(recipe: str, overrides: list[str] | None):
 
 
 @app.command()
-def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> None:
+def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-send teacher requests that ended as failure rows.")) -> None:
     """Run the pipeline flow on a recipe and print what ran, what was Cached, and where the outputs are."""
     resolved = _load(recipe, set_)  # fail on a bad recipe before Prefect starts
     from flows.pipeline import orca_pipeline
 
-    outcomes = orca_pipeline(recipe=recipe, overrides=set_ or [])
+    outcomes = orca_pipeline(recipe=recipe, overrides=set_ or [], retry_failed=retry_failed)
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
     for column in ("step", "state", "key", "rows", "seconds"):
         table.add_column(column)

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orca_core.keys import diff_components, key_components, step_key
+from orca_core import generate
+from orca_core.generate import StepContext
+from orca_core.keys import canonical_json, diff_components, key_components, sha256_text, step_key
 from orca_core.recipe.models import Recipe
 from orca_core.sources import build_sources
 from orca_core.sources import flan as flan_source
@@ -28,7 +30,7 @@ from orca_core.store import ArtifactRef, ArtifactStore
 
 log = logging.getLogger(__name__)
 
-BuildFn = Callable[[Recipe, dict[str, Path], Path], tuple[dict[str, int], dict[str, Any]]]
+BuildFn = Callable[[Recipe, dict[str, Path], Path, StepContext], tuple[dict[str, int], dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Step:
     name: str
     version: int
     reads: Callable[[Recipe], dict[str, Any]]  # the recipe fields the step reads (JSON)
-    build: BuildFn  # (recipe, upstream artifact folders, output folder) -> (rows, stats)
+    build: BuildFn  # (recipe, upstream artifact folders, output folder, context) -> (rows, stats)
     inputs: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}  # content hashes of input files
     upstream: tuple[str, ...] = field(default=())
 
@@ -59,13 +61,43 @@ def _sources_inputs(recipe: Recipe) -> dict[str, Any]:
     return {"flan_files": flan_source.input_hashes(recipe.sources.flan)} if recipe.sources.flan else {}
 
 
-def _sources_build(recipe: Recipe, upstream: dict[str, Path], out: Path) -> tuple[dict[str, int], dict[str, Any]]:
+def _sources_build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     return build_sources(recipe.sources, out)
 
 
 SOURCES = Step("sources", version=1, reads=_sources_reads, build=_sources_build, inputs=_sources_inputs)
 
-STEPS: dict[str, Step] = {step.name: step for step in [SOURCES]}
+# -- teacher fan-out and filters ------------------------------------------------------
+STRATEGIES = Step(
+    "strategies", version=1, upstream=("sources",), build=generate.build_strategies,
+    reads=lambda r: {"prompts": r.prompts.model_dump(mode="json", include={"default_strategy", "strategies", "selection_samples"}),
+                     "strong": generate.teacher_identity(r.teachers.strong), "prompts_digest": generate.prompts_digest(),
+                     "seed": r.seed},
+)
+TRACES_ORCA1 = Step(
+    "traces-orca1", version=1, upstream=("sources",), build=generate.build_orca1_traces,
+    reads=lambda r: {"assistant": generate.teacher_identity(r.teachers.assistant),
+                     "strong": generate.teacher_identity(r.teachers.strong),
+                     "strong_fraction": r.prompts.strong_fraction, "prompts_digest": generate.prompts_digest(),
+                     "seed": r.seed},
+)
+TRACES_ORCA2 = Step(
+    "traces-orca2", version=1, upstream=("sources", "strategies"), build=generate.build_orca2_traces,
+    reads=lambda r: {"strong": generate.teacher_identity(r.teachers.strong),
+                     "generic_system_message": r.prompts.generic_system_message,
+                     "prompts_digest": generate.prompts_digest()},
+)
+FILTERED_ORCA1 = Step("filtered-orca1", version=1, upstream=("sources", "traces-orca1"),
+                      build=generate.build_filtered("traces-orca1"),
+                      reads=lambda r: {"filters": r.filters.model_dump(mode="json")})
+FILTERED_ORCA2 = Step("filtered-orca2", version=1, upstream=("sources", "traces-orca2"),
+                      build=generate.build_filtered("traces-orca2"),
+                      reads=lambda r: {"filters": r.filters.model_dump(mode="json")})
+
+STEPS: dict[str, Step] = {step.name: step for step in [
+    SOURCES, STRATEGIES, TRACES_ORCA1, TRACES_ORCA2, FILTERED_ORCA1, FILTERED_ORCA2,
+]}
+FANOUT_STEPS = ("strategies", "traces-orca1", "traces-orca2")  # steps that send teacher requests
 
 
 # -- keys ------------------------------------------------------------------------
@@ -87,12 +119,53 @@ class StepResult:
     rows: dict[str, int]
 
 
-def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, Any] | None = None) -> StepResult:
-    """The step's artifact: the verified one in the store, else built and published now."""
-    started = time.perf_counter()
-    comps = comps or components(step, recipe)
+def upstream_digests(store: ArtifactStore, comps: dict[str, Any]) -> dict[str, str]:
+    """Content digest (files and their sha256) of each upstream artifact as published now ("" if missing)."""
+    digests = {}
+    for name, key in comps["upstream"].items():
+        ref = store.lookup(name, key)
+        digests[name] = sha256_text(canonical_json(store.manifest(ref)["files"])) if ref else ""
+    return digests
+
+
+def has_failures(store: ArtifactStore, ref: ArtifactRef) -> bool:
+    """Did a fan-out step's artifact keep failure rows (what --retry-failed resends)?"""
+    stats = store.manifest(ref)["stats"]
+    return bool(stats.get("failures") or stats.get("fanout", {}).get("failures"))
+
+
+def verified(store: ArtifactStore, step: Step, comps: dict[str, Any]) -> ArtifactRef | None:
+    """The step's artifact if it verifies AND was built from the upstream artifacts published now.
+
+    An upstream republished under the same key (e.g. traces after --retry-failed) makes its
+    downstream artifacts stale: they are moved aside and rebuilt.
+    """
     key = step_key(comps)
     ref = store.lookup(step.name, key)
+    if ref is None or not comps["upstream"]:
+        return ref
+    built_from = store.manifest(ref)["stats"].get("built_from", {})
+    if built_from != upstream_digests(store, comps):
+        log.warning("artifact %s/%s was built from older upstream artifacts; rebuilding", step.name, key[:12])
+        store.supersede(step.name, key)
+        return None
+    return ref
+
+
+def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, Any] | None = None,
+             ctx: StepContext | None = None, force: bool = False) -> StepResult:
+    """The step's artifact: the verified one in the store, else built and published now.
+
+    `force` rebuilds even a verified artifact (the old one is kept under `.superseded/`).
+    """
+    started = time.perf_counter()
+    ctx = ctx or StepContext()
+    comps = comps or components(step, recipe)
+    key = step_key(comps)
+    ref = verified(store, step, comps)
+    if ref is not None and force:
+        store.supersede(step.name, key)
+        ref = None
     if ref is not None:
         return StepResult(ref, True, time.perf_counter() - started, store.manifest(ref)["rows"])
     upstream_dirs = {}
@@ -101,9 +174,12 @@ def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, 
         if upstream_ref is None:
             raise RuntimeError(f"step {step.name}: upstream {name}/{upstream_key[:12]} is not in the store; run it first")
         upstream_dirs[name] = store.local_dir(upstream_ref)
+    built_from = upstream_digests(store, comps)
     log.info("building %s/%s", step.name, key[:12])
     with store.staging(step.name, key) as staged:
-        rows, stats = step.build(recipe, upstream_dirs, staged)
+        rows, stats = step.build(recipe, upstream_dirs, staged, ctx)
+        if built_from:
+            stats = {**stats, "built_from": built_from}
         ref = store.publish(step.name, key, comps, staged, rows=rows, stats=stats)
     return StepResult(ref, False, time.perf_counter() - started, rows)
 

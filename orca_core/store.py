@@ -149,15 +149,19 @@ class ArtifactStore:
                 digest.update(block)
         return digest.hexdigest()
 
-    def _quarantine(self, step: str, key: str) -> None:
+    def supersede(self, step: str, key: str) -> None:
+        """Move a valid artifact out of the way before it is rebuilt (kept under `.superseded/`)."""
+        self._quarantine(step, key, ".superseded")
+
+    def _quarantine(self, step: str, key: str, folder_name: str = ".corrupt") -> None:
         folder = self._path(step, key)
         if self.is_local:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-            aside = Path(self.root, ".corrupt", f"{step}-{key}-{stamp}-{uuid.uuid4().hex[:6]}")
+            aside = Path(self.root, folder_name, f"{step}-{key}-{stamp}-{uuid.uuid4().hex[:6]}")
             aside.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(folder, aside)
-                log.warning("moved corrupt artifact to %s", aside)
+                log.warning("moved artifact %s/%s to %s", step, key[:12], aside)
             except FileNotFoundError:
                 pass  # another process moved or replaced it first
         else:

@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from orca_core.keys import canonical_json, sha256_text
@@ -152,10 +153,13 @@ class RequestCache:
         self.folder = Path(folder)
 
     def load(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-        """request_id -> deduped row (restricted to `ids` if given)."""
-        table = read_shards(self.folder)
-        if ids is not None:
-            table = table.filter(pc.is_in(table["request_id"], pa.array(list(set(ids)), pa.string())))
+        """request_id -> deduped row (restricted to `ids` if given: only those rows are decoded)."""
+        paths = sorted(str(p) for p in self.folder.glob("*.parquet") if not p.name.startswith("."))
+        if not paths:
+            return {}
+        dataset = ds.dataset(paths, format="parquet", schema=REQUEST_SCHEMA)
+        wanted = None if ids is None else pc.field("request_id").isin(pa.array(list(set(ids)), pa.string()))
+        table = dataset.to_table(filter=wanted)
         return {row["request_id"]: row for row in dedupe_requests(table).to_pylist()}
 
     def writer(self, prefix: str, flush_rows: int = 256, flush_seconds: float = 5.0) -> ShardWriter:

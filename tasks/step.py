@@ -21,10 +21,12 @@ from prefect import Task, get_run_logger, task
 from prefect.filesystems import RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
+from orca_core.generate import StepContext
 from orca_core.keys import sha256_text, step_key
 from orca_core.recipe.models import Recipe
-from orca_core.steps import Step, components, run_step
+from orca_core.steps import FANOUT_STEPS, Step, components, has_failures, run_step, verified
 from orca_core.store import ArtifactRef, ArtifactStore
+from tasks.progress import progress_sink
 
 RESULTS_FOLDER = ".prefect-results"
 
@@ -43,19 +45,25 @@ def result_storage_for(store: ArtifactStore) -> Path | RemoteFileSystem:
 
 
 def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    return parameters["key"]
+    return parameters["key"]  # the step key alone: retry_failed is how to run, not what to make
 
 
 def prefect_step(step: Step) -> Task:
     """A Prefect task that returns the step's ArtifactRef (building it only when needed)."""
 
-    def run(recipe: dict[str, Any], key: str) -> ArtifactRef:
+    def run(recipe: dict[str, Any], key: str, retry_failed: bool = False) -> ArtifactRef:
         logger = get_run_logger()
         parsed = Recipe.model_validate(recipe)
         comps = components(step, parsed)
         if step_key(comps) != key:
             raise RuntimeError(f"step {step.name}: the key planned by the flow ({key[:12]}) differs from the task's")
-        result = run_step(store_for(parsed), step, parsed, comps)
+        store = store_for(parsed)
+        ctx = StepContext(sink=progress_sink(logger, step.name), retry_failed=retry_failed)
+        if step.name in FANOUT_STEPS and store.is_local:
+            from tasks.fanout import RayFanoutRunner  # Ray starts only for steps that send requests
+
+            ctx.fanout, ctx.request_cache = RayFanoutRunner(parsed), Path(store.url("requests"))
+        result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
         return result.ref
@@ -83,20 +91,25 @@ class StepOutcome:
         return self.state == "Cached"
 
 
-def call_step(step_task: Task, step: Step, recipe: Recipe) -> StepOutcome:
-    """Run one step inside a flow and report what happened."""
+def call_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = False) -> StepOutcome:
+    """Run one step inside a flow and report what happened.
+
+    `retry_failed`: a fan-out step whose artifact kept failure rows is rebuilt, re-sending only those.
+    """
     started = time.perf_counter()
-    key = step_key(components(step, recipe))
+    comps = components(step, recipe)
+    key = step_key(comps)
     store = store_for(recipe)
-    verified = store.lookup(step.name, key) is not None  # moves a corrupt artifact aside (logged)
+    ref = verified(store, step, comps)  # moves a corrupt or stale artifact aside (logged)
+    retry = retry_failed and step.name in FANOUT_STEPS and ref is not None and has_failures(store, ref)
     configured = step_task.with_options(
-        refresh_cache=not verified,
+        refresh_cache=ref is None or retry,
         retries=recipe.prefect.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=recipe.prefect.retry_delay_s)(max(recipe.prefect.retries, 1)),
         retry_jitter_factor=recipe.prefect.retry_jitter,
         result_storage=result_storage_for(store),
     )
-    state = configured(recipe=recipe.model_dump(mode="json"), key=key, return_state=True)
+    state = configured(recipe=recipe.model_dump(mode="json"), key=key, retry_failed=retry, return_state=True)
     ref = state.result()
     rows = store.manifest(ref)["rows"]
     return StepOutcome(step.name, key, state.name, ref, rows, time.perf_counter() - started)

@@ -57,6 +57,15 @@ def test_gold_answers_score_full_marks_with_reasoning_gym_scorers(suite_rows):
         assert score("definitely wrong", entry) < 1.0, row["task_name"]
 
 
+def test_arithmetic_gold_follows_operator_precedence(suite_rows):
+    train, heldout, _ = suite_rows
+    rows = [r for r in train + heldout if r["task_name"] == "basic_arithmetic"]
+    assert rows
+    for row in rows:
+        expression = json.loads(row["metadata"])["expression"]
+        assert int(row["answer"]) == eval(expression.replace("/", "//")), expression  # noqa: S307 (generated digits and + - * only)
+
+
 def test_splits_are_disjoint_and_questions_unique(suite_rows):
     train, heldout, _ = suite_rows
     assert not {r["id"] for r in train} & {r["id"] for r in heldout}

@@ -48,7 +48,11 @@ class PrefectConfig(Section):
 class RayConfig(Section):
     address: str = "local"  # "local" starts a private runtime; "auto" or ray://host:10001 joins a cluster
     num_cpus: int | None = Field(2, gt=0)
-    actor_cpus: float = Field(0.25, gt=0)
+    actor_cpus: float = Field(0.25, gt=0)  # fractional: fan-out actors wait on HTTP, not on CPU
+    fanout_actors: int = Field(2, gt=0)
+    actor_concurrency: int = Field(32, gt=0)  # requests in flight per actor (the endpoint limiter caps the total)
+    flush_rows: int = Field(64, gt=0)  # a fan-out actor writes a request-cache shard every N rows ...
+    flush_seconds: float = Field(2.0, gt=0)  # ... or T seconds, whichever comes first
 
 
 class ProceduralSources(Section):
@@ -138,6 +142,8 @@ class TeacherEndpoint(Section):
     max_concurrency: int = Field(16, gt=0)
     timeout_s: float = Field(60.0, gt=0)
     max_attempts: int = Field(6, gt=0)
+    retry_base_s: float = Field(1.0, gt=0)  # backoff: base * 2^(attempt-1), jittered, at most retry_max_s
+    retry_max_s: float = Field(60.0, gt=0)
     temperature: float = Field(0.7, ge=0, le=2)  # Orca's GPT-4 settings
     top_p: float = Field(0.95, gt=0, le=1)
     max_tokens: int = Field(1024, gt=0)

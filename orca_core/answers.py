@@ -1,0 +1,173 @@
+"""Answer extraction and correctness, shared by the trace filter and evaluation.
+
+Two extractions, as in lm-eval-harness: `strict` reads only an explicit answer
+statement ("So the answer is X.", "Answer: X", "#### X", "\\boxed{X}"), so it
+also measures whether the model follows the answer format; `flexible` falls
+back to the last option or number the text mentions, so a terse or
+direct answer still counts. Multiple-choice answers are mapped onto the
+option they name (by letter or by text), so correctness compares options.
+
+Procedural (reasoning-gym) rows are scored by their generator's own scorer,
+which knows the task's answer format (times, names, ciphers); everything else
+compares normalized text or numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+# Explicit answer statements, each with a word it cannot match without (a cheap pre-check);
+# the statement that starts last in the text wins.
+_STATEMENTS = [
+    ("answer", re.compile(r"\banswer\s+is\s*:?\s*(.+?)(?:\.\s|\.?\s*$)", re.IGNORECASE | re.MULTILINE)),
+    ("answer", re.compile(r"\banswer\s*\**\s*:\s*\**\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)),
+    ("####", re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)),
+    ("\\boxed", re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")),
+]
+_LETTER_LINE = ("(", re.compile(r"^\s*\(([A-J])\)\s*\.?\s*$", re.MULTILINE))  # a lone "(B)" line, MC only
+_LETTER = re.compile(r"^\(?([A-J])(?:[).:]|$)")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?::\d{2})+|-?\d+(?:\.\d+)?")
+_WRAPPERS = "\"'`*_$“”‘’"
+
+
+@dataclass(frozen=True)
+class Extraction:
+    strict: str | None  # from an explicit answer statement
+    flexible: str | None  # strict, else the last option / number / line the text gives
+
+    @property
+    def format_ok(self) -> bool:
+        return self.strict is not None
+
+
+def clean(text: str) -> str:
+    """Strip whitespace, a trailing period, surrounding quotes, emphasis and backticks."""
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.strip().strip(_WRAPPERS).strip()
+        text = text.removesuffix(".")
+        boxed = re.fullmatch(r"\\boxed\{(.*)\}", text)
+        text = boxed.group(1) if boxed else text
+    return text
+
+
+def normalize(text: str) -> str:
+    return " ".join(clean(text).split()).casefold()
+
+
+def _option_pattern(options: Sequence[str]) -> re.Pattern[str]:
+    """Any option as a whole word (longest first, so 'mother-in-law' beats 'mother'), or '(B)'."""
+    texts = sorted((o for o in options if o.strip()), key=len, reverse=True)
+    alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts] + [r"\([A-J]\)"]
+    return re.compile("|".join(alternatives), re.IGNORECASE)
+
+
+def _option_of(mention: str, options: Sequence[str]) -> str | None:
+    """The option a mention names: its exact text, or its letter."""
+    for option in options:
+        if normalize(option) == normalize(mention):
+            return option
+    letter = _LETTER.match(mention.strip())
+    if letter and ord(letter.group(1)) - 65 < len(options):
+        return options[ord(letter.group(1)) - 65]
+    return None
+
+
+def to_option(answer: str, options: Sequence[str]) -> str:
+    """An MC answer as the option it names (letter, exact text, or the one option it contains)."""
+    if not options:
+        return answer
+    named = _option_of(answer, options)
+    if named is not None:
+        return named
+    mentioned = {_option_of(m.group(0), options) for m in _option_pattern(options).finditer(answer)} - {None}
+    return mentioned.pop() if len(mentioned) == 1 else answer
+
+
+def _strict(text: str, options: Sequence[str]) -> str | None:
+    lowered = text.lower()
+    patterns = _STATEMENTS + ([_LETTER_LINE] if options else [])
+    matches = [m for word, pattern in patterns if word in lowered for m in pattern.finditer(text)]
+    if not matches:
+        return None
+    last = max(matches, key=lambda m: m.start(1))
+    return clean(last.group(1)) or None
+
+
+def _flexible(text: str, options: Sequence[str]) -> str | None:
+    if options:
+        mentions = list(_option_pattern(options).finditer(text))
+        if mentions:
+            return mentions[-1].group(0)
+    lines = [clean(line) for line in text.splitlines() if clean(line)]
+    if not lines:
+        return None
+    numbers = _NUMBER.findall(lines[-1])
+    if numbers and " " in lines[-1]:  # a bare one-word answer ("1a", "05:02") stays whole
+        return numbers[-1]
+    return lines[-1]
+
+
+def extract(text: str, options: Sequence[str] = ()) -> Extraction:
+    strict = _strict(text, options)
+    flexible = strict if strict is not None else _flexible(text, options)
+    if options:
+        strict = to_option(strict, options) if strict is not None else None
+        flexible = to_option(flexible, options) if flexible is not None else None
+    return Extraction(strict, flexible)
+
+
+def as_number(text: str) -> float | None:
+    candidate = clean(text).replace(",", "").removeprefix("$").removesuffix("%")
+    try:
+        value = float(candidate)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _same_number(answer: str, gold: str) -> bool:
+    a, g = as_number(answer), as_number(gold)
+    return a is not None and g is not None and math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@cache
+def _scorer(generator: str) -> Any:
+    import reasoning_gym
+
+    return reasoning_gym.get_score_answer_fn(generator)
+
+
+def _generator_score(answer: str, gold: str, generator: str, metadata: str, question: str) -> float:
+    try:
+        entry = {"question": question, "answer": gold, "metadata": json.loads(metadata or "{}")}
+        return float(_scorer(generator)(answer, entry))
+    except Exception:  # a scorer that chokes on an odd answer scores it wrong
+        return 0.0
+
+
+def is_correct(
+    answer: str | None,
+    gold: str,
+    *,
+    options: Sequence[str] = (),
+    generator: str = "",
+    metadata: str = "{}",
+    question: str = "",
+) -> bool:
+    """Whether an extracted answer matches the gold answer."""
+    if answer is None:
+        return False
+    if options:
+        return normalize(to_option(answer, options)) == normalize(gold)
+    # Scorers compare strings exactly; "2,120" or "2120.0" for 2120 is still right.
+    if generator:
+        return _generator_score(answer, gold, generator, metadata, question) >= 1.0 or _same_number(answer, gold)
+    return normalize(answer) == normalize(gold) or _same_number(answer, gold)

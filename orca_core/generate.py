@@ -1,0 +1,183 @@
+"""The data-generation steps: strategy selection, Orca 1 / Orca 2 traces, filters.
+
+Each `build_*` has the step signature (recipe, upstream folders, out folder,
+context) and writes Parquet into `out`. Teacher calls go through
+`context.fanout` (Ray in production, asyncio in-process in tests) and the
+request cache, so a rebuild re-sends nothing already answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from orca_core.answers import extract, is_correct
+from orca_core.filters import filter_traces
+from orca_core.keys import canonical_json, sha256_text
+from orca_core.prompts import PROMPTS_VERSION, STRATEGIES, orca1_data
+from orca_core.recipe.models import Recipe, TeacherEndpoint
+from orca_core.sources import HELDOUT_FILE, TRAIN_FILE
+from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, assemble
+from orca_core.teacher.jobs import orca1_jobs, orca2_jobs, selection_jobs
+from orca_core.teacher.runner import FanoutRunner
+from orca_core.traces import RequestCache
+
+log = logging.getLogger(__name__)
+
+TRACES_FILE, STRATEGIES_FILE, SELECTION_FILE = "traces.parquet", "strategies.parquet", "selection_traces.parquet"
+
+
+@dataclass
+class StepContext:
+    """What a step may need from outside orca_core: a fan-out runner, the request cache, progress output."""
+
+    fanout: FanoutRunner | None = None
+    request_cache: Path | None = None
+    sink: Callable[[int, int, str], None] = lambda done, total, line: log.info(line)
+    retry_failed: bool = False
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+# -- what the trace keys read -------------------------------------------------------
+def prompts_digest() -> str:
+    """Every prompt text the teachers see: editing one invalidates the traces that used it."""
+    texts = {"version": PROMPTS_VERSION, "orca1": orca1_data(),
+             "strategies": {s.name: [s.instruction, *s.followups] for s in STRATEGIES.values()}}
+    return sha256_text(canonical_json(texts))
+
+
+def teacher_identity(endpoint: TeacherEndpoint) -> dict[str, Any]:
+    """What decides a teacher's answers (not where it lives, its key, or its rate limits)."""
+    identity = endpoint.model_dump(mode="json", include={"kind", "model", "temperature", "top_p", "max_tokens",
+                                                         "context_window"})
+    if endpoint.oracle:
+        identity["oracle"] = endpoint.oracle.model_dump(include={"error_rate", "strategy_penalty", "explain_depth",
+                                                                  "context_window", "seed"})
+    return identity
+
+
+# -- helpers -----------------------------------------------------------------------------
+def _train_rows(sources: Path) -> list[dict[str, Any]]:
+    return pq.read_table(sources / TRAIN_FILE).to_pylist()
+
+
+def _run_fanout(plan: FanoutPlan, ctx: StepContext, sources: Path, out_file: Path) -> dict[str, Any]:
+    if ctx.fanout is None or ctx.request_cache is None:
+        raise RuntimeError("this step sends teacher requests: it needs a fan-out runner and a request cache")
+    cache = RequestCache(ctx.request_cache)
+    report = ctx.fanout.run(plan, cache, [sources / TRAIN_FILE, sources / HELDOUT_FILE], ctx.sink, ctx.retry_failed)
+    try:
+        stats = assemble(plan, cache, out_file)
+    except FanoutIncomplete as err:
+        reason = "the budget (teachers.max_cost_usd) is spent" if report.budget_exhausted else "the fan-out stopped early"
+        raise FanoutIncomplete(f"{err}; {reason}") from None
+    stats["this_run"] = {"found_in_cache": report.found_in_cache, "sent_jobs": report.sent_jobs,
+                         "requests": report.worker.get("requests", 0), "seconds": round(report.seconds, 2),
+                         "cost_usd": report.worker.get("cost_micro_usd", 0) / 1e6,
+                         "failures": report.worker.get("failures", {})}
+    return stats
+
+
+def _plan(jobs: Callable, endpoints: dict[str, TeacherEndpoint]) -> FanoutPlan:
+    return FanoutPlan(jobs, sum(1 for _ in jobs()), endpoints)
+
+
+# -- strategies ----------------------------------------------------------------------------
+def strategy_candidates() -> list[str]:
+    return list(STRATEGIES)
+
+
+def build_strategies(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+    """Task -> strategy: from the recipe, or (`auto`) the best of all strategies on k gold-labelled samples."""
+    p = recipe.prompts
+    rows = _train_rows(upstream["sources"])
+    tasks = sorted({r["task_name"] for r in rows})
+    wanted = {t: p.strategies.get(t, p.default_strategy) for t in tasks}
+    auto = [t for t, s in wanted.items() if s == "auto"]
+    table_rows = [{"task_name": t, "strategy": s, "chosen": True, "accuracy": None, "n": 0, "how": "recipe"}
+                  for t, s in wanted.items() if s != "auto"]
+    stats: dict[str, Any] = {"tasks": len(tasks), "auto": len(auto)}
+    if auto:
+        samples = _selection_samples(rows, auto, p.selection_samples, recipe.seed)
+        plan = _plan(lambda: selection_jobs(samples, recipe, strategy_candidates()), {"strong": recipe.teachers.strong})
+        stats["fanout"] = _run_fanout(plan, ctx, upstream["sources"], out / SELECTION_FILE)
+        table_rows += score_selection(pq.read_table(out / SELECTION_FILE), samples)
+    pq.write_table(pa.Table.from_pylist(table_rows), out / STRATEGIES_FILE)
+    stats["chosen"] = {r["task_name"]: r["strategy"] for r in table_rows if r["chosen"]}
+    return {"tasks": len(tasks), "candidates": len(table_rows)}, stats
+
+
+def _selection_samples(rows: list[dict], tasks: list[str], k: int, seed: int) -> list[dict]:
+    """k rows per task, chosen by a seeded hash order (stable under added rows)."""
+    by_task = defaultdict(list)
+    for r in rows:
+        if r["task_name"] in tasks:
+            by_task[r["task_name"]].append(r)
+    picked = []
+    for task in tasks:
+        picked += sorted(by_task[task], key=lambda r: sha256_text(f"{seed}:select:{r['id']}"))[:k]
+    return picked
+
+
+def score_selection(traces: pa.Table, samples: list[dict]) -> list[dict]:
+    """Accuracy per (task, strategy) with the evaluation's answer extraction; best per task is chosen.
+
+    Ties go to the strategy with fewer completion tokens (cheaper to teach and to run).
+    """
+    by_id = {r["id"]: r for r in samples}
+    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+    tokens: dict[tuple[str, str], int] = defaultdict(int)
+    for t in traces.to_pylist():
+        row = by_id[t["source_id"]]
+        answer = extract(t["response"], row["options"]).flexible if t["status"] == "ok" else None
+        correct = is_correct(answer, row["answer"], options=row["options"], generator=row["generator"],
+                             metadata=row["metadata"], question=row["inputs"])
+        scores[(t["task_name"], t["strategy"])].append(float(correct))
+        tokens[(t["task_name"], t["strategy"])] += t["completion_tokens"]
+    table = []
+    for task, group in itertools.groupby(sorted(scores), key=lambda k: k[0]):
+        keys = list(group)
+        best = max(keys, key=lambda k: (sum(scores[k]) / len(scores[k]), -tokens[k]))
+        table += [{"task_name": task, "strategy": k[1], "chosen": k == best, "accuracy": sum(scores[k]) / len(scores[k]),
+                   "n": len(scores[k]), "how": "auto"} for k in keys]
+    return table
+
+
+# -- traces ----------------------------------------------------------------------------------
+def build_orca1_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+    rows = _train_rows(upstream["sources"])
+    endpoints = {"assistant": recipe.teachers.assistant, "strong": recipe.teachers.strong}
+    stats = _run_fanout(_plan(lambda: orca1_jobs(rows, recipe), endpoints), ctx, upstream["sources"], out / TRACES_FILE)
+    return {"traces": stats["traces"]}, stats
+
+
+def build_orca2_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+    rows = _train_rows(upstream["sources"])
+    chosen = pq.read_table(upstream["strategies"] / STRATEGIES_FILE).filter(pc.field("chosen"))
+    strategy_of = dict(zip(chosen["task_name"].to_pylist(), chosen["strategy"].to_pylist()))
+    plan = _plan(lambda: orca2_jobs(rows, recipe, strategy_of), {"strong": recipe.teachers.strong})
+    stats = _run_fanout(plan, ctx, upstream["sources"], out / TRACES_FILE)
+    return {"traces": stats["traces"]}, stats
+
+
+# -- filters -----------------------------------------------------------------------------------
+def build_filtered(traces_step: str) -> Callable:
+    def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+        sources = upstream["sources"]
+        source_table = pa.concat_tables([pq.read_table(sources / TRAIN_FILE), pq.read_table(sources / HELDOUT_FILE)])
+        contamination = pq.read_table(sources / HELDOUT_FILE)["inputs"].to_pylist()  # + eval benchmarks, later
+        traces = pq.read_table(upstream[traces_step] / TRACES_FILE)
+        filtered, stats = filter_traces(traces, recipe.filters, source_table, contamination)
+        pq.write_table(filtered, out / TRACES_FILE, compression="zstd")
+        return {"traces": filtered.num_rows, "kept": stats["kept"]}, stats
+
+    return build

@@ -1,0 +1,184 @@
+"""The OpenAI-compatible chat client (OpenAI, Azure OpenAI, vLLM's server, the oracle).
+
+`TeacherClient.call` never raises for one bad request. It retries transient
+errors (429, 5xx, timeouts, connection errors, malformed JSON) with
+exponential backoff and jitter, up to `max_attempts`, and returns the final
+failure as a `CallResult` with status `failed:<reason>`. Permanent errors
+(context too long, content filter, empty answer, other 4xx) fail at once.
+Only errors that would fail every request (bad key, unknown model, missing
+key variable) raise `FatalTeacherError`, which stops the fan-out before it
+writes a million failure rows. A refused budget raises `BudgetExhausted`.
+
+The API key is read from the environment variable the recipe names; it goes
+into the request header and nowhere else (never a row, log or message).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from orca_core.recipe.models import TeacherEndpoint
+
+
+class FatalTeacherError(RuntimeError):
+    """The endpoint refuses every request (auth, unknown model): stop, nothing collected is lost."""
+
+
+class BudgetExhausted(RuntimeError):
+    """teachers.max_cost_usd is spent: no new requests."""
+
+
+class _Transient(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.reason, self.retry_after = reason, retry_after
+
+
+class _Permanent(Exception):
+    def __init__(self, reason: str, usage: dict | None = None):
+        super().__init__(reason)
+        self.reason, self.usage = reason, usage or {}
+
+
+class Limiter(Protocol):
+    async def acquire(self, tokens: int) -> bool: ...
+    async def release(self, estimated_tokens: int = 0, used_tokens: int = 0, cost_usd: float = 0.0) -> None: ...
+    async def pause(self, seconds: float, reason: str = "rate_limited") -> None: ...
+
+
+@dataclass(frozen=True)
+class CallResult:
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    latency_ms: float
+    attempts: int
+    status: str  # ok | failed:<reason>
+
+
+def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
+    """A cheap upper-ish estimate (no tokenizer download): ~4 characters per token, 4 per message."""
+    return sum(math.ceil(len(m["content"]) / 4) + 4 for m in messages)
+
+
+class TeacherClient:
+    def __init__(self, endpoint: TeacherEndpoint, base_url: str, limiter: Limiter, session: aiohttp.ClientSession):
+        self.endpoint, self.limiter, self.session = endpoint, limiter, session
+        base = base_url.rstrip("/")
+        key = None
+        if endpoint.api_key_env:
+            key = os.environ.get(endpoint.api_key_env)
+            if not key:
+                raise FatalTeacherError(f"teacher {endpoint.model}: environment variable {endpoint.api_key_env} is not set")
+        if endpoint.kind == "azure":
+            self.url = f"{base}/openai/deployments/{endpoint.model}/chat/completions?api-version={endpoint.api_version}"
+            self._headers = {"api-key": key} if key else {}
+        else:
+            self.url = f"{base}/chat/completions"
+            self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        e = self.endpoint
+        return prompt_tokens / 1000 * e.price_prompt_per_1k + completion_tokens / 1000 * e.price_completion_per_1k
+
+    def _failure(self, reason: str, attempts: int, started: float, usage: dict | None = None) -> CallResult:
+        usage = usage or {}
+        p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+        return CallResult("", "", p, c, self.cost(p, c), (time.perf_counter() - started) * 1000, attempts, f"failed:{reason}")
+
+    async def call(self, messages: list[dict[str, str]]) -> CallResult:
+        e = self.endpoint
+        started = time.perf_counter()
+        prompt_estimate = estimate_prompt_tokens(messages)
+        if prompt_estimate + e.max_tokens > e.context_window:
+            return self._failure("context_length", 0, started)  # never sent: it cannot fit
+        reason = "unknown"
+        for attempt in range(1, e.max_attempts + 1):
+            estimate = prompt_estimate + e.max_tokens
+            if not await self.limiter.acquire(estimate):
+                raise BudgetExhausted(f"teacher {e.model}: budget spent")
+            used, cost = 0, 0.0
+            try:
+                content, finish, usage = await self._post(messages)
+                p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
+                used, cost = p + c, self.cost(p, c)
+                latency = (time.perf_counter() - started) * 1000
+                return CallResult(content, finish, p, c, cost, latency, attempt, "ok")
+            except _Permanent as err:
+                p, c = int(err.usage.get("prompt_tokens", 0)), int(err.usage.get("completion_tokens", 0))
+                used, cost = p + c, self.cost(p, c)
+                return self._failure(err.reason, attempt, started, err.usage)
+            except _Transient as err:
+                reason = err.reason
+                if err.retry_after:
+                    await self.limiter.pause(err.retry_after)
+            finally:
+                await self.limiter.release(estimate, used, cost)
+            if attempt < e.max_attempts:
+                delay = min(e.retry_max_s, e.retry_base_s * 2 ** (attempt - 1))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # jitter: retries do not stampede
+        return self._failure(reason, e.max_attempts, started)
+
+    async def _post(self, messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
+        e = self.endpoint
+        body = {"model": e.model, "messages": messages, "temperature": e.temperature, "top_p": e.top_p,
+                "max_tokens": e.max_tokens}
+        try:
+            async with self.session.post(self.url, json=body, headers=self._headers,
+                                         timeout=aiohttp.ClientTimeout(total=e.timeout_s)) as response:
+                text = await response.text()
+                status = response.status
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+        except asyncio.TimeoutError:
+            raise _Transient("timeout") from None
+        except aiohttp.ClientError:
+            raise _Transient("connection") from None
+        if status == 429:
+            raise _Transient("rate_limited", retry_after or 1.0)
+        if status >= 500:
+            raise _Transient(f"http_{status}", retry_after)
+        error_code = _error_code(text)
+        if status in (401, 403):
+            raise FatalTeacherError(f"teacher {e.model}: HTTP {status} (check the key in ${e.api_key_env or '<none>'})")
+        if status == 404:
+            raise FatalTeacherError(f"teacher {e.model}: HTTP 404 ({error_code or 'not found'}) at the endpoint")
+        if status >= 400:
+            raise _Permanent("context_length" if error_code == "context_length_exceeded" else f"http_{status}")
+        try:
+            payload = json.loads(text)
+            choice = payload["choices"][0]
+            content = choice["message"].get("content") or ""
+            finish = choice.get("finish_reason") or "stop"
+            usage = payload.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise _Transient("malformed") from None
+        if finish == "content_filter":
+            raise _Permanent("content_filter", usage)
+        if not content.strip():
+            raise _Permanent("empty", usage)
+        return content, finish, usage
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
+        return float(value)
+    return None
+
+
+def _error_code(text: str) -> str | None:
+    try:
+        return json.loads(text).get("error", {}).get("code")
+    except (ValueError, AttributeError):
+        return None

@@ -1,0 +1,32 @@
+"""Progress of long steps: Prefect log lines with rates and ETA, and a rich bar on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+def progress_sink(logger: Any, step: str, log_every_s: float = 10.0) -> Callable[[int, int, str], None]:
+    """A (done, total, line) callback: logs at most every `log_every_s`, draws a bar when attached to a TTY."""
+    state = {"last": 0.0, "bar": None, "task": None}
+
+    def sink(done: int, total: int, line: str) -> None:
+        now = time.monotonic()
+        if sys.stderr.isatty():
+            if state["bar"] is None:
+                state["bar"] = Progress(TextColumn(f"[bold]{step}"), BarColumn(), TextColumn("{task.description}"),
+                                        TimeRemainingColumn(), transient=True)
+                state["bar"].start()
+                state["task"] = state["bar"].add_task(line, total=total)
+            state["bar"].update(state["task"], completed=done, description=line)
+            if done >= total:
+                state["bar"].stop()
+        if now - state["last"] >= log_every_s or done >= total:
+            logger.info("%s: %s", step, line)
+            state["last"] = now
+
+    return sink
