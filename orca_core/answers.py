@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 # Explicit answer statements, each with a word it cannot match without (a cheap pre-check);
@@ -32,7 +32,7 @@ _STATEMENTS = [
 ]
 _LETTER_LINE = ("(", re.compile(r"^\s*\(([A-J])\)\s*\.?\s*$", re.MULTILINE))  # a lone "(B)" line, MC only
 _LETTER = re.compile(r"^\(?([A-J])(?:[).:]|$)")
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?::\d{2})+|-?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<!\w)(?:-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?::\d{2})+|-?\d+(?:\.\d+)?)(?!\w)")
 _WRAPPERS = "\"'`*_$“”‘’"
 
 
@@ -62,9 +62,10 @@ def normalize(text: str) -> str:
     return " ".join(clean(text).split()).casefold()
 
 
-def _option_pattern(options: Sequence[str]) -> re.Pattern[str]:
+@lru_cache(maxsize=4096)  # MC rows reuse a few option sets
+def _option_pattern(options: tuple[str, ...]) -> re.Pattern[str]:
     """Any option as a whole word (longest first, so 'mother-in-law' beats 'mother'), or '(B)'."""
-    texts = sorted((o for o in options if o.strip()), key=len, reverse=True)
+    texts = sorted((o for o in options if o.strip()), key=lambda o: (-len(o), o))
     alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts] + [r"\([A-J]\)"]
     return re.compile("|".join(alternatives), re.IGNORECASE)
 
@@ -87,7 +88,7 @@ def to_option(answer: str, options: Sequence[str]) -> str:
     named = _option_of(answer, options)
     if named is not None:
         return named
-    mentioned = {_option_of(m.group(0), options) for m in _option_pattern(options).finditer(answer)} - {None}
+    mentioned = {_option_of(m.group(0), options) for m in _option_pattern(tuple(options)).finditer(answer)} - {None}
     return mentioned.pop() if len(mentioned) == 1 else answer
 
 
@@ -103,16 +104,14 @@ def _strict(text: str, options: Sequence[str]) -> str | None:
 
 def _flexible(text: str, options: Sequence[str]) -> str | None:
     if options:
-        mentions = list(_option_pattern(options).finditer(text))
+        mentions = list(_option_pattern(tuple(options)).finditer(text))
         if mentions:
             return mentions[-1].group(0)
     lines = [clean(line) for line in text.splitlines() if clean(line)]
     if not lines:
         return None
-    numbers = _NUMBER.findall(lines[-1])
-    if numbers and " " in lines[-1]:  # a bare one-word answer ("1a", "05:02") stays whole
-        return numbers[-1]
-    return lines[-1]
+    numbers = _NUMBER.findall(lines[-1])  # whole tokens only: a bare "1a" or "e7" stays whole
+    return numbers[-1] if numbers else lines[-1]
 
 
 def extract(text: str, options: Sequence[str] = ()) -> Extraction:
@@ -134,7 +133,9 @@ def as_number(text: str) -> float | None:
 
 
 def _same_number(answer: str, gold: str) -> bool:
-    a, g = as_number(answer), as_number(gold)
+    """Equal as numbers; an answer with words ("62 legs", "x = 7") counts by its last number."""
+    numbers = _NUMBER.findall(answer)
+    a, g = as_number(answer if not numbers else numbers[-1]), as_number(gold)
     return a is not None and g is not None and math.isclose(a, g, rel_tol=1e-9, abs_tol=1e-9)
 
 

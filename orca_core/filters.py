@@ -32,6 +32,7 @@ from orca_core.recipe.models import FiltersConfig
 from orca_core.traces import TRACE_SCHEMA
 
 NUM_PERM, MINHASH_SEED, SHINGLE = 128, 1, 3
+BATCH_ROWS = 20_000
 TEMPLATE_TEXTS = 3  # an n-gram in this many evaluation texts is template, not content
 REFUSAL_HEAD = 200  # a refusal opens the response; later "I cannot ..." is usually reasoning
 _APOSTROPHE = "(?:'|’)"
@@ -165,8 +166,8 @@ class _LateChecks:
 
     def __init__(self, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str]):
         self.lookup = _source_lookup(sources) if cfg.gold_check else None
-        self.contaminated = None if cfg.contamination_ngram is None else \
-            _Contamination(contamination_texts, cfg.contamination_ngram)
+        self.contaminated = (_Contamination(contamination_texts, cfg.contamination_ngram)
+                             if cfg.contamination_ngram is not None else None)
         self.seen: set[bytes] | None = set() if cfg.exact_dedup else None
         self.near = None if cfg.near_dup_threshold is None else _NearDuplicates(cfg.near_dup_threshold)
 
@@ -198,10 +199,12 @@ def filter_traces(
 
     checks = _LateChecks(cfg, sources, contamination_texts)
     pending = np.flatnonzero(verdicts == "")
-    columns = {c: traces[c].take(pending).to_pylist() for c in _LATE_COLUMNS}
-    for j, i in enumerate(pending.tolist()):
-        reason = checks.reason(i, {c: values[j] for c, values in columns.items()})
-        verdicts[i] = f"dropped:{reason}" if reason else "kept"
+    for start in range(0, len(pending), BATCH_ROWS):  # batches bound the Python copies of the text
+        batch = pending[start:start + BATCH_ROWS]
+        columns = {c: traces[c].take(batch).to_pylist() for c in _LATE_COLUMNS}
+        for j, i in enumerate(batch.tolist()):
+            reason = checks.reason(i, {c: values[j] for c, values in columns.items()})
+            verdicts[i] = f"dropped:{reason}" if reason else "kept"
 
     table = traces.set_column(TRACE_SCHEMA.get_field_index("verdict"), "verdict", pa.array(verdicts, pa.string()))
     return table, _stats(traces, verdicts)

@@ -115,12 +115,14 @@ def test_normalize():
     assert normalize("'Paris'") == normalize("paris.")
 
 
-@pytest.mark.parametrize("answer, gold", [("3.0", "3"), ("1,000", "1000"), ("$1,000", "1000"), ("-2", "-2.00")])
+@pytest.mark.parametrize("answer, gold", [
+    ("3.0", "3"), ("1,000", "1000"), ("$1,000", "1000"), ("-2", "-2.00"), ("62 legs", "62"), ("x = 3 + 4 = 7", "7"),
+])
 def test_numeric_equality(answer, gold):
     assert is_correct(answer, gold)
 
 
-@pytest.mark.parametrize("answer, gold", [(None, "3"), ("4", "3"), ("Lyon", "Paris"), ("", "Paris")])
+@pytest.mark.parametrize("answer, gold", [(None, "3"), ("4", "3"), ("Lyon", "Paris"), ("", "Paris"), ("05:02", "5")])
 def test_wrong_or_missing(answer, gold):
     assert not is_correct(answer, gold)
 
@@ -138,6 +140,7 @@ def test_multiple_choice_correctness_by_letter_or_text():
 def test_generator_scorer_and_numeric_fallback(suite_rows):
     row = next(r for r in suite_rows if r["task_name"] == "basic_arithmetic" and len(r["answer"]) >= 4)
     assert _check(row, f"{int(row['answer']):,}")  # the scorer alone rejects "2,120"
+    assert _check(row, f"{row['answer']}.0") and _check(row, f"{row['answer']} in total")
     assert not _check(row, "not a number")
     cipher = next(r for r in suite_rows if r["task_name"] == "caesar_cipher")
     assert _check(cipher, cipher["answer"]) and not _check(cipher, cipher["answer"].lower())

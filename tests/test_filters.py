@@ -168,3 +168,9 @@ def test_distinct_procedural_problems_are_not_near_duplicates(procedural):
     assert stats["dropped"].get("near_duplicate", 0) <= 3  # templates with one differing number, only
     assert "wrong_answer" not in stats["dropped"] and "duplicate" not in stats["dropped"]
     assert Counter(verdicts)["kept"] == stats["kept"]
+
+
+def test_empty_table():
+    verdicts, stats, out = run([])
+    assert verdicts == [] and out.schema == TRACE_SCHEMA
+    assert stats == {"total": 0, "kept": 0, "dropped": {}, "by_stage_role": {}}

@@ -29,12 +29,21 @@ def _task_run_states(name_prefix: str) -> list[str]:
     return [run.state.name for run in sorted(runs, key=lambda r: r.expected_start_time)]
 
 
-def test_second_run_is_cached_and_a_corrupt_artifact_is_rebuilt(tmp_path):
-    overrides = [f"store.root={tmp_path / 'store'}"]
+FAKE_KEY = "sk-fake-orca-0123456789abcdef"
+DATA_STEPS = ["sources", "strategies", "traces-orca1", "traces-orca2", "filtered-orca1", "filtered-orca2"]
+
+
+def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)  # the oracle requires it; the client sends it
+    overrides = [f"store.root={tmp_path / 'store'}", "teachers.assistant.api_key_env=ORCA_FAKE_TEACHER_KEY",
+                 "teachers.strong.api_key_env=ORCA_FAKE_TEACHER_KEY"]
     first = orca_pipeline(recipe="smoke", overrides=overrides)
     second = orca_pipeline(recipe="smoke", overrides=overrides)
-    assert [o["state"] for o in first] == ["Completed"] and [o["state"] for o in second] == ["Cached"]
-    assert first[0]["key"] == second[0]["key"] and first[0]["rows"] == {"train": 160, "heldout": 40}
+    assert [o["step"] for o in first] == DATA_STEPS
+    assert [o["state"] for o in first] == ["Completed"] * 6 and [o["state"] for o in second] == ["Cached"] * 6
+    assert [o["key"] for o in first] == [o["key"] for o in second]
+    assert first[0]["rows"] == {"train": 160, "heldout": 40}
+    assert first[2]["rows"]["traces"] > 160 and 0 < first[4]["rows"]["kept"] <= first[2]["rows"]["traces"]
     artifact = Path(first[0]["artifact"])
     assert (artifact / "train.parquet").is_file() and (artifact / "manifest.json").is_file()
     # Prefect's own records say the same (what the UI shows).
@@ -42,28 +51,38 @@ def test_second_run_is_cached_and_a_corrupt_artifact_is_rebuilt(tmp_path):
     # Prefect result records live in the store, next to the artifacts.
     assert any((tmp_path / "store" / ".prefect-results").iterdir())
 
-    # Corrupt the artifact: the Prefect cache record must not hand it out again.
+    # The key never reaches a file of the store (Parquet, manifests, Prefect results) or a log.
+    for path in (tmp_path / "store").rglob("*"):
+        assert not path.is_file() or FAKE_KEY.encode() not in path.read_bytes(), path
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(limit=200)
+    assert logs and not any(FAKE_KEY in log.message for log in logs)
+    assert FAKE_KEY not in "".join(capfd.readouterr())
+
+    # Corrupt the sources artifact: the Prefect record must not hand it out again, and what was built
+    # from it is rebuilt (the teacher answers come back from the request cache, not the teacher).
     manifest = json.loads((artifact / "manifest.json").read_text())
     (artifact / "train.parquet").write_bytes(b"\0" * manifest["files"]["train.parquet"]["size"])
     third = orca_pipeline(recipe="smoke", overrides=overrides)
     assert third[0]["state"] == "Completed" and third[0]["key"] == first[0]["key"]
     assert len(list((tmp_path / "store" / ".corrupt").iterdir())) == 1
-    assert orca_pipeline(recipe="smoke", overrides=overrides)[0]["state"] == "Cached"
+    assert [o["state"] for o in orca_pipeline(recipe="smoke", overrides=overrides)] == ["Cached"] * 6
 
 
 def test_a_changed_field_the_step_reads_misses_the_cache(tmp_path):
     overrides = [f"store.root={tmp_path / 'store'}"]
     base = orca_pipeline(recipe="smoke", overrides=overrides)
-    changed = orca_pipeline(recipe="smoke", overrides=[*overrides, "sources.seed=5"])
+    filters = orca_pipeline(recipe="smoke", overrides=[*overrides, "filters.near_dup_threshold=null"])
     unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "train.lr=0.5"])
-    assert changed[0]["state"] == "Completed" and changed[0]["key"] != base[0]["key"]
-    assert unrelated[0]["state"] == "Cached" and unrelated[0]["key"] == base[0]["key"]
+    # Only the filter steps read `filters`: everything upstream is Cached.
+    assert [o["state"] for o in filters] == ["Cached"] * 4 + ["Completed"] * 2
+    assert [o["state"] for o in unrelated] == ["Cached"] * 6 and unrelated[0]["key"] == base[0]["key"]
 
 
 def test_failing_step_retries_with_backoff_then_succeeds(tmp_path):
     marker = tmp_path / "attempts.txt"
 
-    def flaky_build(recipe, upstream, out):
+    def flaky_build(recipe, upstream, out, ctx):
         attempts = int(marker.read_text()) + 1 if marker.exists() else 1
         marker.write_text(str(attempts))
         if attempts < 3:
