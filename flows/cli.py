@@ -4,11 +4,13 @@
     orca recipe show tiny [--set ...]               print the resolved recipe
     orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
     orca store ls --recipe tiny                     the artifacts in the store
+    orca teacher serve --recipe tiny --port 8000    the oracle teacher, OpenAI-compatible
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated
 
 import typer
@@ -16,14 +18,17 @@ from rich.console import Console
 from rich.table import Table
 
 from orca_core.recipe import RecipeError, load_recipe, recipe_hash, recipe_yaml
+from orca_core.recipe.models import OracleSettings
 from orca_core.steps import STEPS, explain, plan_key
 from orca_core.store import ArtifactStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="orca-pipeline: teach small models to reason, Orca-style.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect the artifact store.")
+teacher_app = typer.Typer(no_args_is_help=True, help="The built-in oracle teacher.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(store_app, name="store")
+app.add_typer(teacher_app, name="teacher")
 console = Console()
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name in configs/ or a YAML path.")]
@@ -99,6 +104,32 @@ def store_ls(recipe: RecipeOpt = "tiny", set_: SetOpt = None, as_json: bool = ty
     for r in rows:
         table.add_row(r["step"], r["key"][:12], "*" if r["used_by_recipe"] else "", str(r["rows"]), r["created_at"], r["url"])
     console.print(table)
+
+
+@teacher_app.command("serve")
+def teacher_serve(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+                  sources: Annotated[list[str] | None, typer.Option("--sources", help="Source Parquet files (default: the recipe's sources artifact).")] = None,
+                  port: int = typer.Option(8000, help="0 picks a free port."),
+                  host: str = typer.Option("127.0.0.1", help="Bind address (keep it on loopback unless you mean it).")) -> None:
+    """Serve the recipe's oracle teachers (OpenAI-compatible: /v1/chat/completions, /v1/models, /stats)."""
+    from orca_core.steps import SOURCES
+    from orca_core.teacher.oracle import serve
+
+    resolved = _load(recipe, set_)
+    models = {e.model: e.oracle or OracleSettings() for e in (resolved.teachers.assistant, resolved.teachers.strong)
+              if e.kind == "oracle"}
+    if not models:
+        console.print("[red]error:[/red] the recipe has no `kind: oracle` teacher")
+        raise typer.Exit(2)
+    if not sources:
+        store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
+        ref = store.lookup("sources", plan_key(SOURCES, resolved))
+        if ref is None:
+            console.print("[red]error:[/red] no sources artifact for this recipe yet: run `orca run` first, or pass --sources")
+            raise typer.Exit(2)
+        sources = [ref.file("train.parquet"), ref.file("heldout.parquet")]
+    key_env = next((e.api_key_env for e in (resolved.teachers.assistant, resolved.teachers.strong) if e.api_key_env), None)
+    serve(host=host, port=port, models=models, sources=sources, api_key=os.environ.get(key_env) if key_env else None)
 
 
 if __name__ == "__main__":

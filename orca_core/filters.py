@@ -101,10 +101,11 @@ class _Contamination:
     animals"), shared by every train question of the family too, so it is ignored.
     """
 
-    def __init__(self, texts: Sequence[str], n: int):
+    def __init__(self, texts: Sequence[str], n: int, exact_texts: Sequence[str] = ()):
         self.n = n
-        self.exact = {_squash(t) for t in texts}
-        counts = Counter(gram for text in self.exact for gram in _ngrams(text, n))
+        ngram_texts = {_squash(t) for t in texts}
+        self.exact = ngram_texts | {_squash(t) for t in exact_texts}
+        counts = Counter(gram for text in ngram_texts for gram in _ngrams(text, n))
         self.grams = {gram for gram, count in counts.items() if count < TEMPLATE_TEXTS}
         self.seen: dict[str, bool] = {}  # many traces share one prompt
 
@@ -164,9 +165,10 @@ def _stats(traces: pa.Table, verdicts: np.ndarray) -> dict[str, Any]:
 class _LateChecks:
     """The checks that need each row in Python, in order; dedup ones remember kept rows."""
 
-    def __init__(self, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str]):
+    def __init__(self, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str],
+                 exact_texts: Sequence[str] = ()):
         self.lookup = _source_lookup(sources) if cfg.gold_check else None
-        self.contaminated = (_Contamination(contamination_texts, cfg.contamination_ngram)
+        self.contaminated = (_Contamination(contamination_texts, cfg.contamination_ngram, exact_texts)
                              if cfg.contamination_ngram is not None else None)
         self.seen: set[bytes] | None = set() if cfg.exact_dedup else None
         self.near = None if cfg.near_dup_threshold is None else _NearDuplicates(cfg.near_dup_threshold)
@@ -189,15 +191,21 @@ class _LateChecks:
 
 
 def filter_traces(
-    traces: pa.Table, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str] = ()
+    traces: pa.Table, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str] = (),
+    exact_texts: Sequence[str] = (),
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """The same rows in the same order with `verdict` set on each, and counts per reason."""
+    """The same rows in the same order with `verdict` set on each, and counts per reason.
+
+    contamination_texts: evaluation items, checked by word n-gram overlap and by equality.
+    exact_texts: items checked by equality only (the procedural held-out split: its family
+    templates are shared with train by design, and the splits are already disjoint by question).
+    """
     traces = traces.cast(TRACE_SCHEMA)
     verdicts = np.full(traces.num_rows, "", dtype=object)
     for reason, mask in _cheap_checks(traces, cfg):
         verdicts[mask & (verdicts == "")] = f"dropped:{reason}"
 
-    checks = _LateChecks(cfg, sources, contamination_texts)
+    checks = _LateChecks(cfg, sources, contamination_texts, exact_texts)
     pending = np.flatnonzero(verdicts == "")
     for start in range(0, len(pending), BATCH_ROWS):  # batches bound the Python copies of the text
         batch = pending[start:start + BATCH_ROWS]

@@ -174,3 +174,24 @@ def test_empty_table():
     verdicts, stats, out = run([])
     assert verdicts == [] and out.schema == TRACE_SCHEMA
     assert stats == {"total": 0, "kept": 0, "dropped": {}, "by_stage_role": {}}
+
+
+def test_exact_texts_match_by_equality_only():
+    from orca_core.recipe.models import FiltersConfig
+    from orca_core.filters import filter_traces
+    import pyarrow as pa
+    from orca_core.traces import TRACE_SCHEMA
+
+    template = "Your task is to count how many legs there are in total when given a list of animals. "
+    rows = [
+        {name: None for name in TRACE_SCHEMA.names} | {
+            "request_id": str(i), "call_ids": [str(i)], "source_id": f"s{i}", "stage": "orca1", "teacher_role": "assistant",
+            "student_system": "", "user": template + question, "response": f"Counting.\nSo the answer is {i}.",
+            "finish_reason": "stop", "status": "ok", "attempts": 1, "prompt_tokens": 1, "completion_tokens": 1,
+            "cost_usd": 0.0, "latency_ms": 1.0, "system_message_id": 1, "schema_version": 1}
+        for i, question in enumerate(["How many legs do 3 cats have?", "How many legs do 2 dogs have?"])
+    ]
+    cfg = FiltersConfig(gold_check=False, near_dup_threshold=None, contamination_ngram=13)
+    held = [template + "How many legs do 3 cats have?", template + "How many legs do 5 ants have?"]
+    table, stats = filter_traces(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), cfg, pa.table({"id": ["x"]}), exact_texts=held)
+    assert table["verdict"].to_pylist() == ["dropped:contaminated", "kept"]  # the shared template alone is not leakage

@@ -118,6 +118,7 @@ class OracleSettings(Section):
     latency_sigma: float = Field(0.3, ge=0)  # lognormal spread
     rpm_limit: int | None = Field(None, gt=0)  # server-side limits, answered with 429 + Retry-After
     tpm_limit: int | None = Field(None, gt=0)
+    rate_window_s: float = Field(60.0, gt=0)  # the sliding window the limits are enforced over (pro rata)
     context_window: int = Field(8192, gt=0)
     timeout_sleep_s: float = Field(30.0, gt=0)  # how long a "timeout" fault hangs
     faults: dict[FaultKind, float] = {}  # fault kind -> rate per request

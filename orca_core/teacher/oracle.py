@@ -31,7 +31,6 @@ from orca_core.recipe.models import OracleSettings
 from orca_core.teacher.oracle_solver import OracleBook, count_tokens, prompt_tokens, respond, truncate_tokens
 from orca_core.traces import request_id
 
-WINDOW_S = 60.0  # rate limits are per sliding minute
 
 
 class ModelState:
@@ -45,17 +44,20 @@ class ModelState:
 
     def admit(self, now: float, tokens: int) -> float:
         """0 if the request fits the limits (and is recorded), else the seconds until it would."""
-        while self.window and self.window[0][0] <= now - WINDOW_S:
-            self.window_tokens -= self.window.popleft()[1]
         s, waits = self.settings, []
-        if s.rpm_limit and len(self.window) >= s.rpm_limit:
-            waits.append(self.window[len(self.window) - s.rpm_limit][0] + WINDOW_S - now)
-        if s.tpm_limit and self.window_tokens + tokens > s.tpm_limit:
-            excess, wait = self.window_tokens + tokens - s.tpm_limit, WINDOW_S
+        span = s.rate_window_s  # the limits are per minute, enforced over this sliding window
+        requests = max(1, round(s.rpm_limit * span / 60)) if s.rpm_limit else None
+        token_cap = max(1, round(s.tpm_limit * span / 60)) if s.tpm_limit else None
+        while self.window and self.window[0][0] <= now - span:
+            self.window_tokens -= self.window.popleft()[1]
+        if requests and len(self.window) >= requests:
+            waits.append(self.window[len(self.window) - requests][0] + span - now)
+        if token_cap and self.window_tokens + tokens > token_cap:
+            excess, wait = self.window_tokens + tokens - token_cap, span
             for at, used in self.window:
                 excess -= used
                 if excess <= 0:
-                    wait = at + WINDOW_S - now
+                    wait = at + span - now
                     break
             waits.append(wait)
         if waits:
