@@ -29,6 +29,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/sources.py
+	$(BIN)/python bench/fanout.py
 
 clean:
 	rm -rf runs runs-* .pytest_cache

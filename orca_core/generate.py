@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,12 @@ def teacher_identity(endpoint: TeacherEndpoint) -> dict[str, Any]:
 # -- helpers -----------------------------------------------------------------------------
 def _train_rows(sources: Path) -> list[dict[str, Any]]:
     return pq.read_table(sources / TRAIN_FILE).to_pylist()
+
+
+def _stream_rows(sources: Path, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
+    """Train rows batch by batch: a fan-out over millions of prompts never holds them all."""
+    for batch in pq.ParquetFile(sources / TRAIN_FILE).iter_batches(batch_size=batch_rows):
+        yield from batch.to_pylist()
 
 
 def _run_fanout(plan: FanoutPlan, ctx: StepContext, sources: Path, out_file: Path) -> dict[str, Any]:
@@ -154,18 +160,18 @@ def score_selection(traces: pa.Table, samples: list[dict]) -> list[dict]:
 
 # -- traces ----------------------------------------------------------------------------------
 def build_orca1_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-    rows = _train_rows(upstream["sources"])
+    sources = upstream["sources"]
     endpoints = {"assistant": recipe.teachers.assistant, "strong": recipe.teachers.strong}
-    stats = _run_fanout(_plan(lambda: orca1_jobs(rows, recipe), endpoints), ctx, upstream["sources"], out / TRACES_FILE)
+    stats = _run_fanout(_plan(lambda: orca1_jobs(_stream_rows(sources), recipe), endpoints), ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats
 
 
 def build_orca2_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-    rows = _train_rows(upstream["sources"])
+    sources = upstream["sources"]
     chosen = pq.read_table(upstream["strategies"] / STRATEGIES_FILE).filter(pc.field("chosen"))
     strategy_of = dict(zip(chosen["task_name"].to_pylist(), chosen["strategy"].to_pylist()))
-    plan = _plan(lambda: orca2_jobs(rows, recipe, strategy_of), {"strong": recipe.teachers.strong})
-    stats = _run_fanout(plan, ctx, upstream["sources"], out / TRACES_FILE)
+    plan = _plan(lambda: orca2_jobs(_stream_rows(sources), recipe, strategy_of), {"strong": recipe.teachers.strong})
+    stats = _run_fanout(plan, ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats
 
 

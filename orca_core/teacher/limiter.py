@@ -26,7 +26,7 @@ class Bucket:
     def __init__(self, per_minute: float, burst_seconds: float):
         self.rate = per_minute / 60.0
         self.capacity = max(1.0, self.rate * burst_seconds)
-        self.level = self.capacity
+        self.level = 1.0  # start (nearly) empty: an opening burst would overrun a provider's sliding window
         self.updated = time.monotonic()
 
     def _refill(self, now: float) -> None:
