@@ -19,7 +19,7 @@ from rich.table import Table
 
 from orca_core.recipe import RecipeError, load_recipe, recipe_hash, recipe_yaml
 from orca_core.recipe.models import OracleSettings
-from orca_core.steps import STEPS, explain, plan_key
+from orca_core.steps import explain, plan_key, steps_for
 from orca_core.store import ArtifactStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="orca-pipeline: teach small models to reason, Orca-style.")
@@ -75,12 +75,13 @@ def recipe_show(name: str, set_: SetOpt = None) -> None:
 @app.command("explain")
 def explain_cmd(step: str, recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> None:
     """Say whether STEP would hit the cache; if not, which key fields differ from the nearest artifact."""
-    if step not in STEPS:
-        console.print(f"[red]error:[/red] unknown step {step!r}; steps: {', '.join(STEPS)}")
-        raise typer.Exit(2)
     resolved = _load(recipe, set_)
+    known = steps_for(resolved)
+    if step not in known:
+        console.print(f"[red]error:[/red] unknown step {step!r}; steps: {', '.join(known)}")
+        raise typer.Exit(2)
     store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
-    console.print(explain(store, STEPS[step], resolved).render(), highlight=False, markup=False)
+    console.print(explain(store, known[step], resolved).render(), highlight=False, markup=False)
 
 
 @store_app.command("ls")
@@ -89,7 +90,7 @@ def store_ls(recipe: RecipeOpt = "tiny", set_: SetOpt = None, as_json: bool = ty
     resolved = _load(recipe, set_)
     store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
     rows = []
-    for name, step in STEPS.items():
+    for name, step in steps_for(resolved).items():
         wanted = plan_key(step, resolved)
         for key in store.keys(name):
             manifest = store.read_json(name, key, "manifest.json")

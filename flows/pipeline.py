@@ -1,5 +1,9 @@
-"""The whole DAG as one flow. Today: sources -> strategies -> Orca 1 / Orca 2 traces -> filters.
-(Training and evaluation join in later issues.)
+"""The whole DAG as one flow:
+
+    sources -> strategies -> traces (Orca 1, Orca 2) -> filters -> tokenizer -> base model
+            -> for each curriculum stage: dataset -> train (from the previous stage's weights)
+
+(Evaluation joins in a later issue.)
 
     orca run --recipe tiny [--set sources.seed=1] [--retry-failed]
 """
@@ -9,32 +13,22 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from orca_core import steps
 from orca_core.recipe import load_recipe, recipe_hash
-from tasks import data
-from tasks.step import StepOutcome, call_step
-
-# The DAG in order: (step, its task). Each step reads its upstream artifacts from the store.
-DATA_STEPS = [
-    (steps.SOURCES, data.sources_task),
-    (steps.STRATEGIES, data.strategies_task),
-    (steps.TRACES_ORCA1, data.traces_orca1_task),
-    (steps.TRACES_ORCA2, data.traces_orca2_task),
-    (steps.FILTERED_ORCA1, data.filtered_orca1_task),
-    (steps.FILTERED_ORCA2, data.filtered_orca2_task),
-]
+from orca_core.steps import steps_for
+from tasks.step import StepOutcome, call_step, prefect_step
 
 
 @flow(name="orca-pipeline")
 def orca_pipeline(recipe: str = "tiny", overrides: list[str] | None = None, retry_failed: bool = False) -> list[dict]:
-    """Run every step of the recipe that exists; each is Cached when its key's artifact is in the store.
+    """Run every step of the recipe; each is Cached when its key's artifact is in the store.
 
     retry_failed: re-send the teacher requests that ended as failure rows (and rebuild what depends on them).
     """
     logger = get_run_logger()
     resolved = load_recipe(recipe, overrides or [])  # a bad recipe fails here, before any work
     logger.info("recipe %s (hash %s), store %s", resolved.name, recipe_hash(resolved)[:12], resolved.store.root)
-    outcomes: list[StepOutcome] = [call_step(task, step, resolved, retry_failed) for step, task in DATA_STEPS]
+    outcomes: list[StepOutcome] = [call_step(prefect_step(step), step, resolved, retry_failed)
+                                   for step in steps_for(resolved).values()]
     lines = ["| step | state | key | rows | seconds | artifact |", "|---|---|---|---|---|---|"]
     for o in outcomes:
         logger.info("%-15s %-9s %s rows=%s %.1fs %s", o.step, o.state, o.key[:12], o.rows, o.seconds, o.ref.url)

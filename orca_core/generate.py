@@ -42,6 +42,9 @@ class StepContext:
 
     fanout: FanoutRunner | None = None
     request_cache: Path | None = None
+    trainer: Callable[[Any, Path | None], dict[str, Any]] | None = None  # (TrainJob, resume checkpoint) -> summary
+    work_root: Path | None = None  # <store>/.train-work: per-step folders that survive retries
+    work_dir: Path | None = None  # this step's folder under work_root (set by run_step)
     sink: Callable[[int, int, str], None] = lambda done, total, line: log.info(line)
     retry_failed: bool = False
     notes: dict[str, Any] = field(default_factory=dict)

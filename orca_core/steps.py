@@ -11,16 +11,18 @@ Bump a step's `version` whenever its code changes what it writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orca_core import generate
+from orca_core import curriculum, generate
 from orca_core.generate import StepContext
-from orca_core.keys import canonical_json, diff_components, key_components, sha256_text, step_key
+from orca_core.keys import canonical_json, diff_components, file_sha256, key_components, sha256_text, step_key
 from orca_core.recipe.models import Recipe
 from orca_core.sources import build_sources
 from orca_core.sources import flan as flan_source
@@ -40,7 +42,10 @@ class Step:
     reads: Callable[[Recipe], dict[str, Any]]  # the recipe fields the step reads (JSON)
     build: BuildFn  # (recipe, upstream artifact folders, output folder, context) -> (rows, stats)
     inputs: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}  # content hashes of input files
-    upstream: tuple[str, ...] = field(default=())
+    upstream: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]] = field(default=())
+
+    def upstream_of(self, recipe: Recipe) -> tuple[str, ...]:
+        return self.upstream(recipe) if callable(self.upstream) else self.upstream
 
 
 # -- sources ---------------------------------------------------------------------
@@ -94,16 +99,45 @@ FILTERED_ORCA2 = Step("filtered-orca2", version=1, upstream=("sources", "traces-
                       build=generate.build_filtered("traces-orca2"),
                       reads=lambda r: {"filters": r.filters.model_dump(mode="json")})
 
-STEPS: dict[str, Step] = {step.name: step for step in [
-    SOURCES, STRATEGIES, TRACES_ORCA1, TRACES_ORCA2, FILTERED_ORCA1, FILTERED_ORCA2,
-]}
+DATA_STEPS = [SOURCES, STRATEGIES, TRACES_ORCA1, TRACES_ORCA2, FILTERED_ORCA1, FILTERED_ORCA2]
+STEPS: dict[str, Step] = {step.name: step for step in DATA_STEPS}  # the steps every recipe has
 FANOUT_STEPS = ("strategies", "traces-orca1", "traces-orca2")  # steps that send teacher requests
+
+
+# -- tokenizer, base model, curriculum (made per recipe: the stages are data) -----------------
+TOKENIZER = Step("tokenizer", version=1, upstream=curriculum.tokenizer_upstream, build=curriculum.build_tokenizer,
+                 reads=curriculum.tokenizer_reads,
+                 inputs=lambda r: {"tokenizer_files": curriculum.folder_hashes(r.model.tokenizer.path)})
+BASE_MODEL = Step("base-model", version=1, upstream=("tokenizer",), build=curriculum.build_base_model,
+                  reads=curriculum.base_model_reads,
+                  inputs=lambda r: {"model_files": curriculum.folder_hashes(r.model.path)})
+
+
+def curriculum_steps(recipe: Recipe) -> list[Step]:
+    made, previous = [], "base-model"
+    for stage in recipe.curriculum.stages:
+        made.append(Step(f"dataset-{stage.name}", version=1,
+                         upstream=("sources", "tokenizer", *curriculum.traces_needed(stage)),
+                         build=curriculum.build_dataset_for(stage),
+                         reads=lambda r, stage=stage: {"stage": stage.model_dump(mode="json", include={"data", "orca1_replay_ratio"}),
+                                                       "max_len": r.train.max_len, "overlong": r.train.overlong, "seed": r.seed}))
+        made.append(Step(f"train-{stage.name}", version=1, upstream=(previous, f"dataset-{stage.name}"),
+                         build=curriculum.build_train_for(stage, previous), reads=curriculum.train_reads_for(stage),
+                         inputs=lambda r: {"deepspeed_config": file_sha256(curriculum.deepspeed_config_path(r))}))
+        previous = f"train-{stage.name}"
+    return made
+
+
+def steps_for(recipe: Recipe) -> dict[str, Step]:
+    """Every step of the recipe's DAG, in run order."""
+    return {step.name: step for step in [*DATA_STEPS, TOKENIZER, BASE_MODEL, *curriculum_steps(recipe)]}
 
 
 # -- keys ------------------------------------------------------------------------
 def components(step: Step, recipe: Recipe) -> dict[str, Any]:
     """key.json of `step` under `recipe` (upstream keys computed recursively)."""
-    upstream = {name: plan_key(STEPS[name], recipe) for name in step.upstream}
+    known = steps_for(recipe)
+    upstream = {name: plan_key(known[name], recipe) for name in step.upstream_of(recipe)}
     return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe))
 
 
@@ -176,11 +210,15 @@ def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, 
         upstream_dirs[name] = store.local_dir(upstream_ref)
     built_from = upstream_digests(store, comps)
     log.info("building %s/%s", step.name, key[:12])
+    if ctx.work_root is not None:  # a folder that outlives staging (training checkpoints)
+        ctx = dataclasses.replace(ctx, work_dir=ctx.work_root / step.name / key)
     with store.staging(step.name, key) as staged:
         rows, stats = step.build(recipe, upstream_dirs, staged, ctx)
         if built_from:
             stats = {**stats, "built_from": built_from}
         ref = store.publish(step.name, key, comps, staged, rows=rows, stats=stats)
+    if ctx.work_dir is not None:  # published: the resume state is no longer needed
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
     return StepResult(ref, False, time.perf_counter() - started, rows)
 
 

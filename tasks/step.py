@@ -48,8 +48,13 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["key"]  # the step key alone: retry_failed is how to run, not what to make
 
 
+_TASKS: dict[tuple[str, int], Task] = {}
+
+
 def prefect_step(step: Step) -> Task:
     """A Prefect task that returns the step's ArtifactRef (building it only when needed)."""
+    if (step.name, id(step.build)) in _TASKS:
+        return _TASKS[(step.name, id(step.build))]
 
     def run(recipe: dict[str, Any], key: str, retry_failed: bool = False) -> ArtifactRef:
         logger = get_run_logger()
@@ -60,21 +65,27 @@ def prefect_step(step: Step) -> Task:
         store = store_for(parsed)
         ctx = StepContext(sink=progress_sink(logger, step.name), retry_failed=retry_failed)
         if step.name in FANOUT_STEPS and store.is_local:
-            from tasks.fanout import RayFanoutRunner  # Ray starts only for steps that send requests
+            from tasks.fanout import RayFanoutRunner  # Ray starts only for steps that need it
 
             ctx.fanout, ctx.request_cache = RayFanoutRunner(parsed), Path(store.url("requests"))
+        if step.name.startswith("train-") and store.is_local:
+            from tasks.train import RayTrainer
+
+            ctx.trainer, ctx.work_root = RayTrainer(parsed, logger.info), Path(store.url(".train-work"))
         result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
         return result.ref
 
-    return task(
+    made = task(
         run,
         name=step.name,
         task_run_name=f"{step.name}-{{key:.12}}",
         cache_key_fn=_cache_key,
         persist_result=True,
     )
+    _TASKS[(step.name, id(step.build))] = made
+    return made
 
 
 @dataclass(frozen=True)

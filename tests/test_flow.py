@@ -30,17 +30,27 @@ def _task_run_states(name_prefix: str) -> list[str]:
 
 
 FAKE_KEY = "sk-fake-orca-0123456789abcdef"
-DATA_STEPS = ["sources", "strategies", "traces-orca1", "traces-orca2", "filtered-orca1", "filtered-orca2"]
+DAG = ["sources", "strategies", "traces-orca1", "traces-orca2", "filtered-orca1", "filtered-orca2", "tokenizer",
+       "base-model", "dataset-flan", "train-flan", "dataset-orca1", "train-orca1", "dataset-orca2", "train-orca2"]
 
 
-def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(tmp_path, monkeypatch, capfd):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flow") / "store"
+
+
+KEYED = ["teachers.assistant.api_key_env=ORCA_FAKE_TEACHER_KEY", "teachers.strong.api_key_env=ORCA_FAKE_TEACHER_KEY"]
+
+
+def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(store, monkeypatch, capfd):
     monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)  # the oracle requires it; the client sends it
-    overrides = [f"store.root={tmp_path / 'store'}", "teachers.assistant.api_key_env=ORCA_FAKE_TEACHER_KEY",
-                 "teachers.strong.api_key_env=ORCA_FAKE_TEACHER_KEY"]
+    tmp_path = store.parent
+    overrides = [f"store.root={store}", *KEYED]
     first = orca_pipeline(recipe="smoke", overrides=overrides)
     second = orca_pipeline(recipe="smoke", overrides=overrides)
-    assert [o["step"] for o in first] == DATA_STEPS
-    assert [o["state"] for o in first] == ["Completed"] * 6 and [o["state"] for o in second] == ["Cached"] * 6
+    n = len(DAG)
+    assert [o["step"] for o in first] == DAG
+    assert [o["state"] for o in first] == ["Completed"] * n and [o["state"] for o in second] == ["Cached"] * n
     assert [o["key"] for o in first] == [o["key"] for o in second]
     assert first[0]["rows"] == {"train": 160, "heldout": 40}
     assert first[2]["rows"]["traces"] > 160 and 0 < first[4]["rows"]["kept"] <= first[2]["rows"]["traces"]
@@ -66,17 +76,22 @@ def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(tmp
     third = orca_pipeline(recipe="smoke", overrides=overrides)
     assert third[0]["state"] == "Completed" and third[0]["key"] == first[0]["key"]
     assert len(list((tmp_path / "store" / ".corrupt").iterdir())) == 1
-    assert [o["state"] for o in orca_pipeline(recipe="smoke", overrides=overrides)] == ["Cached"] * 6
+    assert [o["state"] for o in orca_pipeline(recipe="smoke", overrides=overrides)] == ["Cached"] * n
+    # Three trained stages, each a loadable HF folder.
+    for o in first[-5::2]:
+        assert o["step"].startswith("train-") and (Path(o["artifact"]) / "model.safetensors").is_file()
 
 
-def test_a_changed_field_the_step_reads_misses_the_cache(tmp_path):
-    overrides = [f"store.root={tmp_path / 'store'}"]
-    base = orca_pipeline(recipe="smoke", overrides=overrides)
-    filters = orca_pipeline(recipe="smoke", overrides=[*overrides, "filters.near_dup_threshold=null"])
-    unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "train.lr=0.5"])
-    # Only the filter steps read `filters`: everything upstream is Cached.
-    assert [o["state"] for o in filters] == ["Cached"] * 4 + ["Completed"] * 2
-    assert [o["state"] for o in unrelated] == ["Cached"] * 6 and unrelated[0]["key"] == base[0]["key"]
+def test_a_changed_field_reruns_only_the_steps_that_read_it(store, monkeypatch):
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
+    overrides = [f"store.root={store}", *KEYED]
+    base = orca_pipeline(recipe="smoke", overrides=overrides)  # cached by the test above
+    longer = orca_pipeline(recipe="smoke", overrides=[*overrides, "curriculum.stages[2].epochs=2"])
+    unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "eval.limit=3", "train.checkpoint_every=7"])
+    # Only the last stage reads its epochs: everything before it is Cached.
+    assert [o["state"] for o in longer] == ["Cached"] * (len(DAG) - 1) + ["Completed"]
+    assert longer[-1]["rows"]["steps"] > base[-1]["rows"]["steps"]
+    assert [o["state"] for o in unrelated] == ["Cached"] * len(DAG)
 
 
 def test_failing_step_retries_with_backoff_then_succeeds(tmp_path):

@@ -1,0 +1,163 @@
+"""The training half of the DAG: tokenizer -> base model -> (dataset, train) per curriculum stage.
+
+Stages come from the recipe (`curriculum.stages`), so their steps are made per
+recipe: `dataset-<stage>` (chat-formatted, masked, packed) and `train-<stage>`
+(DeepSpeed, from the previous stage's exported weights: `base-model` first).
+Each is an ordinary cached step: its key holds the upstream checkpoint key, the
+dataset key and the training settings that change the result.
+
+Training resumes: checkpoints go to a work folder outside staging,
+`<store>/.train-work/<key>/`, which survives a killed worker or a Prefect retry;
+a checkpoint that does not validate is deleted (logged) and training restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from orca_core.generate import TRACES_FILE, StepContext
+from orca_core.keys import file_sha256
+from orca_core.recipe.models import Recipe, StageConfig
+from orca_core.sources import TRAIN_FILE
+
+log = logging.getLogger(__name__)
+
+DATASET_FILE = "packed.parquet"
+TRAIN_WORK = ".train-work"
+TRAINING_STATE = "training_state"
+# Training settings that do not change the weights (where and how fast it runs), left out of the key.
+OPERATIONAL = {"use_gpu", "cpus_per_worker", "checkpoint_every"}
+
+
+def traces_needed(stage: StageConfig) -> tuple[str, ...]:
+    return {"flan": (), "orca1": ("filtered-orca1",), "orca2": ("filtered-orca1", "filtered-orca2")}[stage.data]
+
+
+# -- tokenizer ------------------------------------------------------------------------
+def tokenizer_upstream(recipe: Recipe) -> tuple[str, ...]:
+    if recipe.model.tokenizer.kind == "train_bpe":
+        return ("sources", "filtered-orca1", "filtered-orca2")  # the corpus it is trained on
+    return ()
+
+
+def tokenizer_reads(recipe: Recipe) -> dict[str, Any]:
+    cfg = recipe.model.tokenizer.model_dump(mode="json")
+    if recipe.model.tokenizer.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
+        cfg["path"] = "<local folder>"  # its files' hashes are the input
+    return {"tokenizer": cfg}
+
+
+def folder_hashes(path: str | None) -> dict[str, str]:
+    folder = Path(path or "").expanduser()
+    if not path or not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+    from orca_core import tokenizer
+
+    cfg = recipe.model.tokenizer
+    if cfg.kind == "pretrained":
+        tok = tokenizer.prepare_pretrained(cfg.path, out)
+    else:
+        traces = [pq.read_table(upstream[name] / TRACES_FILE) for name in ("filtered-orca1", "filtered-orca2")]
+        corpus = tokenizer.tokenizer_corpus(pq.read_table(upstream["sources"] / TRAIN_FILE), traces)
+        tok = tokenizer.train_bpe(corpus, cfg.vocab_size, out)
+    return {"vocab": len(tok)}, {"vocab_size": len(tok), "kind": cfg.kind}
+
+
+# -- base model -------------------------------------------------------------------------
+def base_model_reads(recipe: Recipe) -> dict[str, Any]:
+    cfg = recipe.model.model_dump(mode="json", exclude={"tokenizer"})
+    if recipe.model.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
+        cfg["path"] = "<local folder>"
+    return {"model": cfg, "seed": recipe.seed}
+
+
+def build_base_model(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+    from orca_core.model import build_base_model as build
+
+    build(recipe.model, upstream["tokenizer"], out, recipe.seed)
+    return {"checkpoints": 1}, {"kind": recipe.model.kind}
+
+
+# -- datasets ------------------------------------------------------------------------------
+def build_dataset_for(stage: StageConfig):
+    def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+        from transformers import AutoTokenizer
+
+        from orca_core import data
+
+        traces = {name: pq.read_table(upstream[name] / TRACES_FILE) if name in upstream else None
+                  for name in ("filtered-orca1", "filtered-orca2")}
+        examples = data.stage_examples(stage.data, pq.read_table(upstream["sources"] / TRAIN_FILE),
+                                       traces["filtered-orca1"], traces["filtered-orca2"],
+                                       stage.orca1_replay_ratio, recipe.seed)
+        tok = AutoTokenizer.from_pretrained(upstream["tokenizer"], local_files_only=True)
+        table, stats = data.build_dataset(examples, tok, recipe.train.max_len, recipe.train.overlong, recipe.seed)
+        pq.write_table(table, out / DATASET_FILE, compression="zstd")
+        return {"rows": table.num_rows, "examples": stats["kept"]}, stats
+
+    return build
+
+
+# -- training ----------------------------------------------------------------------------------
+def train_reads_for(stage: StageConfig):
+    def reads(recipe: Recipe) -> dict[str, Any]:
+        train = recipe.train.model_dump(mode="json", exclude=OPERATIONAL | {"deepspeed_config"})
+        return {"stage": stage.model_dump(mode="json"), "train": train, "seed": recipe.seed}
+
+    return reads
+
+
+def deepspeed_config_path(recipe: Recipe) -> Path:
+    path = Path(recipe.train.deepspeed_config)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path  # relative to the repository
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config: {recipe.train.deepspeed_config} not found")
+    return path.resolve()  # absolute: Ray workers run in another working directory
+
+
+def build_train_for(stage: StageConfig, previous: str):
+    def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
+        from orca_core.train import TrainJob, validate_checkpoint
+
+        if ctx.trainer is None or ctx.work_dir is None:
+            raise RuntimeError("training needs a trainer (tasks/train.py or orca_core.train.fit) and a work folder")
+        checkpoints = ctx.work_dir / "checkpoints"
+        resume = latest_checkpoint(checkpoints)
+        if resume is not None and not validate_checkpoint(resume):
+            log.warning("checkpoint %s does not validate; deleting it and training from the start", resume)
+            shutil.rmtree(checkpoints)
+            resume = None
+        t = recipe.train
+        job = TrainJob(
+            init_dir=upstream[previous], dataset=upstream[f"dataset-{stage.name}"] / DATASET_FILE, out_dir=out,
+            checkpoint_dir=checkpoints, epochs=stage.epochs, lr=stage.lr or t.lr, min_lr_ratio=t.min_lr_ratio,
+            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum, max_len=t.max_len, grad_clip=t.grad_clip, precision=t.precision,
+            zero_stage=t.zero_stage, deepspeed_config=deepspeed_config_path(recipe), seed=recipe.seed,
+            checkpoint_every=t.checkpoint_every,
+            recipe_slice={"recipe": recipe.name, "stage": stage.model_dump(mode="json"), "train": t.model_dump(mode="json"),
+                          "model": recipe.model.model_dump(mode="json")},
+        )
+        summary = ctx.trainer(job, resume)
+        final = latest_checkpoint(checkpoints)
+        if final is not None:  # the DeepSpeed state travels with the weights (resume or continue later)
+            shutil.copytree(final, out / TRAINING_STATE)
+        return {"steps": summary.get("steps", 0)}, {**summary, "resumed_from": resume.name if resume else None}
+
+    return build
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest `step<N>` checkpoint in a DeepSpeed checkpoint folder."""
+    tags = [p for p in folder.glob("step*") if p.is_dir() and p.name[4:].isdigit()] if folder.is_dir() else []
+    return max(tags, key=lambda p: int(p.name[4:]), default=None)

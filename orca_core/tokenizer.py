@@ -1,0 +1,101 @@
+"""The student's tokenizer: ChatML turns, a local byte-level BPE, or a base model's tokenizer made ChatML-ready.
+
+Orca 2 trains on ChatML conversations and adds `[PAD]`, `<|im_start|>` and
+`<|im_end|>` to the base vocabulary; `<|im_end|>` ends every turn, so it is
+also the end-of-sequence token the student learns to emit. A small student
+trained from scratch gets its own byte-level BPE (any text encodes, nothing
+maps to an unknown token) with digits split one per token, the usual choice
+for arithmetic: a number's tokens are its digits, whatever the merges learnt.
+Everything loads from local folders; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+PAD, IM_START, IM_END = "[PAD]", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [PAD, IM_START, IM_END]
+
+# <|im_start|>{role}\n{content}<|im_end|>, turns joined by "\n"; the generation
+# prompt opens the assistant turn. The prompt of [system, user] plus the
+# response and <|im_end|> is exactly the training text of one example.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{% if messages %}{{ '\n' }}{% endif %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+
+def make_chatml_ready(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Add the special tokens that are missing; pad, eos and chat template as Orca 2 uses them."""
+    tokenizer.add_special_tokens(
+        {"pad_token": PAD, "eos_token": IM_END, "extra_special_tokens": [IM_START]},
+        replace_extra_special_tokens=False,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and save it to `out_dir` (loadable with AutoTokenizer)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # ids 0, 1, 2; never split, never merged
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = make_chatml_ready(PreTrainedTokenizerFast(tokenizer_object=bpe))
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def prepare_pretrained(path: str, out_dir: Path) -> PreTrainedTokenizerFast:
+    """A base model's local tokenizer made ChatML-ready, saved to `out_dir`.
+
+    New tokens get new ids: the model's embeddings must be resized to len(tokenizer).
+    """
+    tokenizer = make_chatml_ready(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def _strings(table: pa.Table, column: str) -> Iterator[str]:
+    for batch in table.select([column]).to_batches():
+        yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def tokenizer_corpus(source_train: pa.Table, traces: list[pa.Table]) -> Iterator[str]:
+    """What the student will read: source inputs and targets, then kept traces.
+
+    A system message repeats on thousands of traces; it is yielded once, so
+    boilerplate does not buy merges that the questions and answers need more.
+    """
+    yield from _strings(source_train, "inputs")
+    yield from _strings(source_train, "targets")
+    systems: set[str] = set()
+    for table in traces:
+        kept = table.filter(pc.equal(table["verdict"], "kept"))
+        for system in _strings(kept, "student_system"):
+            if system not in systems:
+                systems.add(system)
+                yield system
+        yield from _strings(kept, "user")
+        yield from _strings(kept, "response")

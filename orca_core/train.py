@@ -1,0 +1,320 @@
+"""One curriculum stage: fine-tune the student on packed teacher traces with DeepSpeed, then export it.
+
+Orca learns only from the teacher's tokens: the loss is the mean cross-entropy
+over label tokens (prompt and padding are -100). Rows pack several examples;
+position ids restart at each one and no attention mask is passed, so
+transformers builds a block-diagonal causal mask and examples never see each
+other. The first token of each segment is never a target either.
+
+The same code runs in one process (tests, the tiny recipe), under a launcher
+(torchrun, deepspeed) and in each Ray Train worker (a gloo/NCCL group already
+set up: DeepSpeed wraps it). A run is reproducible and resumable to the bit on
+CPU fp32: the data order of an epoch is a permutation seeded by (seed, epoch),
+a checkpoint stores the step and the position in the epoch, and a resumed run
+skips exactly the micro-batches done.
+
+DeepSpeed builds its shared-memory all-reduce op (`deepspeed_shm_comm`, about
+two minutes of C++ compile) whenever it creates its torch comm backend on a CPU
+accelerator, although only tensor-parallel inference uses it. Marking the op
+incompatible in `deepspeed.ops.__compatible_ops__` (a dict DeepSpeed keeps and
+consults in `build_shm_op`) keeps plain gloo collectives and skips the build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import matplotlib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from orca_core.model import generation_config
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLUMNS = ["input_ids", "labels", "position_ids"]
+IGNORE = -100
+Metrics = dict[str, Any]
+
+
+@dataclass
+class TrainJob:
+    init_dir: Path  # HF folder the stage starts from (with its tokenizer)
+    dataset: Path  # packed Parquet
+    out_dir: Path  # the export
+    checkpoint_dir: Path
+    epochs: int
+    lr: float
+    max_len: int
+    micro_batch_size: int
+    grad_accum: int = 1
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16
+    zero_stage: int = 2
+    deepspeed_config: Path = Path("infra/deepspeed/zero2.json")
+    seed: int = 0
+    checkpoint_every: int = 50  # optimizer steps
+    recipe_slice: dict[str, Any] = field(default_factory=dict)
+
+
+def deepspeed_config(job: TrainJob, world_size: int) -> dict[str, Any]:
+    """The JSON's tuning (buckets, offload, ...) with the job's batch, clipping, ZeRO stage, precision and optimizer."""
+    config = json.loads(Path(job.deepspeed_config).read_text())
+    config.pop("scheduler", None)  # the schedule is ours (lr_factor)
+    params = config.get("optimizer", {}).get("params", {})
+    config.update(
+        train_micro_batch_size_per_gpu=job.micro_batch_size,
+        gradient_accumulation_steps=job.grad_accum,
+        train_batch_size=job.micro_batch_size * job.grad_accum * world_size,
+        gradient_clipping=job.grad_clip,
+        bf16={"enabled": job.precision == "bf16"},
+        fp16={"enabled": False},
+        zero_optimization={**config.get("zero_optimization", {}), "stage": job.zero_stage},
+        # torch's AdamW: DeepSpeed's FusedAdam/CPUAdam JIT-compile for minutes on a CPU host
+        optimizer={"type": "AdamW", "params": {**params, "lr": job.lr, "weight_decay": job.weight_decay,
+                                                "torch_adam": True}},
+    )
+    return config
+
+
+def lr_factor(step: int, job: TrainJob, total_steps: int) -> float:
+    """Linear warmup to lr, then cosine down to min_lr_ratio * lr at the last optimizer step."""
+    if step < job.warmup_steps:
+        return (step + 1) / job.warmup_steps
+    progress = (step - job.warmup_steps) / max(1, total_steps - job.warmup_steps - 1)
+    return job.min_lr_ratio + (1 - job.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def steps_per_epoch(n_rows: int, job: TrainJob, world_size: int) -> int:
+    return -(-n_rows // (job.micro_batch_size * job.grad_accum * world_size))
+
+
+def epoch_batches(n_rows: int, job: TrainJob, epoch: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """This rank's micro-batches (row indices) of `epoch`.
+
+    The permutation is cycled to fill the last optimizer step (like
+    DistributedSampler's padding), so every rank runs the same number of steps
+    and no row is dropped; a few rows are seen twice in an epoch.
+    """
+    n_steps = steps_per_epoch(n_rows, job, world_size)
+    order = np.random.default_rng([job.seed, epoch]).permutation(n_rows)
+    mine = np.resize(order, n_steps * job.micro_batch_size * job.grad_accum * world_size)[rank::world_size]
+    return np.split(mine, n_steps * job.grad_accum)
+
+
+def collate(rows: list[dict[str, list[int]]], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad packed rows to max_len. Padding is a segment of its own (positions 0, 1, ...) with no labels."""
+    batch = {name: torch.empty(len(rows), max_len, dtype=torch.long) for name in COLUMNS}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        if n > max_len:
+            raise ValueError(f"packed row of {n} tokens is longer than max_len {max_len}")
+        batch["input_ids"][i] = torch.tensor(row["input_ids"] + [pad_id] * (max_len - n))
+        batch["labels"][i] = torch.tensor(row["labels"] + [IGNORE] * (max_len - n))
+        batch["position_ids"][i] = torch.tensor(row["position_ids"] + list(range(max_len - n)))
+    return batch
+
+
+def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The label each position predicts (the next token's); none across a segment start."""
+    return labels[:, 1:].masked_fill(position_ids[:, 1:] == 0, IGNORE)
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy per position (0 where there is no target); shape (batch, len - 1)."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+
+
+def _prepare_distributed() -> None:
+    """Without a launcher (no WORLD_SIZE) and without a group (Ray sets one up): a world of one.
+
+    Its store is in memory: no port to pick or to collide on, and no MASTER_* or
+    RANK variables left in the environment for child processes to inherit.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
+    if dist.is_initialized() or "WORLD_SIZE" in os.environ:
+        return
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine requires it
+    backend = get_accelerator().communication_backend_name()
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, pa.Table]:
+    """The DeepSpeed engine (model, AdamW, schedule) and the packed rows."""
+    _prepare_distributed()
+    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
+    table = pq.read_table(job.dataset, columns=COLUMNS)
+    if len(table) == 0:
+        raise ValueError(f"{job.dataset} has no rows")
+    total_steps = job.epochs * steps_per_epoch(len(table), job, world_size)
+    torch.manual_seed(job.seed)
+    model = AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [  # norms (1-d) are not decayed
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": job.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        config=deepspeed_config(job, world_size),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job, total_steps)),
+    )
+    return engine, table
+
+
+def _micro_step(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
+    """Forward, backward and (at the accumulation boundary) optimizer step; (loss, label tokens)."""
+    batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
+    logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    targets = shifted_targets(batch["labels"], batch["position_ids"])
+    n_labels = int((targets != IGNORE).sum())
+    loss = token_losses(logits, targets).sum() / max(1, n_labels)
+    engine.backward(loss)
+    engine.step()
+    return loss.item(), n_labels
+
+
+def _checkpoint(engine, job: TrainJob, step: int, epoch: int, position: int, metrics: list[Metrics]) -> Path:
+    tag = f"step{step}"
+    client_state = {"step": step, "epoch": epoch, "position": position, "metrics": metrics}
+    engine.save_checkpoint(str(job.checkpoint_dir), tag=tag, client_state=client_state)
+    return Path(job.checkpoint_dir) / tag
+
+
+def _resume(engine, resume_from: Path) -> dict[str, Any]:
+    """Load a checkpoint folder (step<n>) or a checkpoint dir (its `latest`); return the client state."""
+    path = Path(resume_from)
+    load_dir, tag = (path, None) if (path / "latest").exists() else (path.parent, path.name)
+    loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if loaded is None:
+        raise FileNotFoundError(f"no DeepSpeed checkpoint at {resume_from}")
+    return client_state
+
+
+def fit(
+    job: TrainJob,
+    on_checkpoint: Callable[[Path, Metrics], None] | None = None,
+    resume_from: Path | None = None,
+    on_step: Callable[[Metrics], None] | None = None,
+) -> dict[str, Any]:
+    """Train `job` (from scratch or from a checkpoint), export it, and return a summary with every step's metrics.
+
+    on_step(metrics of the step) runs on rank 0 after each optimizer step;
+    on_checkpoint(checkpoint folder, metrics of the step) on every rank after each save.
+    """
+    engine, table = setup(job)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    pad_id = engine.module.config.pad_token_id
+    state = _resume(engine, resume_from) if resume_from else {"step": 0, "epoch": 0, "position": 0, "metrics": []}
+    step, metrics = state["step"], list(state["metrics"])
+    elapsed = metrics[-1]["elapsed"] if metrics else 0.0
+    for epoch in range(state["epoch"], job.epochs):
+        micro = epoch_batches(len(table), job, epoch, rank, world_size)
+        start = state["position"] if epoch == state["epoch"] else 0
+        for position in range(start, len(micro), job.grad_accum):
+            started, lr = time.perf_counter(), engine.get_lr()[0]
+            totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, tokens, label tokens
+            for indices in micro[position:position + job.grad_accum]:
+                rows = table.take(indices).to_pylist()
+                loss, n_labels = _micro_step(engine, collate(rows, job.max_len, pad_id))
+                n_tokens = sum(len(row["input_ids"]) for row in rows)
+                totals += torch.tensor([loss, n_tokens, n_labels], dtype=torch.float64, device=engine.device)
+            dist.all_reduce(totals)
+            step, seconds = step + 1, time.perf_counter() - started
+            elapsed += seconds
+            metrics.append({
+                "step": step, "epoch": epoch, "loss": totals[0].item() / (job.grad_accum * world_size), "lr": lr,
+                "tokens": int(totals[1]), "label_tokens": int(totals[2]), "tokens_per_s": totals[1].item() / seconds,
+                "seconds": seconds, "elapsed": elapsed,
+            })
+            if on_step and rank == 0:
+                on_step(metrics[-1])
+            if step % job.checkpoint_every == 0:
+                path = _checkpoint(engine, job, step, epoch, position + job.grad_accum, metrics)
+                if on_checkpoint:  # on every rank: Ray Train wants a report from each worker
+                    on_checkpoint(path, metrics[-1])
+    export(engine, job, metrics, job.init_dir)
+    engine.destroy()
+    final = metrics[-1] if metrics else {}
+    return {"steps": step, "final_loss": final.get("loss"), "elapsed": elapsed, "out_dir": str(job.out_dir),
+            "metrics": metrics}
+
+
+def export(engine, job: TrainJob, metrics: list[Metrics], tokenizer_dir: Path) -> None:
+    """Write the trained model as a self-describing HF folder, with recipe.json, metrics.parquet and loss_curve.png.
+
+    Under ZeRO-3 every rank takes part in gathering the weights; rank 0 writes.
+    """
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state_dict = engine.module.state_dict()
+    if dist.get_rank() != 0:
+        return
+    out = Path(job.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = engine.module
+    model.config.dtype = next(iter(state_dict.values())).dtype  # bf16 training exports bf16 weights
+    model.generation_config = generation_config(tokenizer)
+    model.save_pretrained(out, state_dict=state_dict)
+    tokenizer.save_pretrained(out)
+    (out / "recipe.json").write_text(json.dumps(job.recipe_slice, indent=2, sort_keys=True, default=str))
+    pq.write_table(pa.Table.from_pylist(metrics), out / "metrics.parquet")
+    _plot(metrics, out / "loss_curve.png")
+
+
+def _plot(metrics: list[Metrics], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (label tokens)")
+    lr_ax = ax.twinx()
+    lr_ax.plot([m["step"] for m in metrics], [m["lr"] for m in metrics], color="tab:orange", alpha=0.5)
+    lr_ax.set_ylabel("learning rate")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def validate_checkpoint(path: Path) -> bool:
+    """Whether a checkpoint (a step<n> folder, or a dir with `latest`) has all its DeepSpeed files, readable.
+
+    Every .pt file must unpickle (memory-mapped), the model states must carry our
+    client state, and there must be one ZeRO shard per rank. That catches missing,
+    truncated and unreadable files; it does not checksum tensor data, so a bit flip
+    inside a tensor goes unnoticed.
+    """
+    path = Path(path)
+    if (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    try:
+        states = {f.name: torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in path.glob("*.pt")}
+        models = [state for name, state in states.items() if name.endswith("model_states.pt")]
+        ranks = models[0]["dp_world_size"] * models[0]["mp_world_size"]
+        stage = models[0]["ds_config"].get("zero_optimization", {}).get("stage", 0)
+    except Exception:  # unreadable, or no model states
+        return False
+    shards = sum(name.endswith("optim_states.pt") for name in states)
+    return (all("step" in state for state in models) and (stage == 0 or shards == ranks)
+            and (stage < 3 or len(models) == ranks))

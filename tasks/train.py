@@ -1,0 +1,77 @@
+"""Training on Ray Train: DeepSpeed inside a TorchTrainer, checkpoints reported to Ray.
+
+Each worker runs `orca_core.train.fit` in the gloo (CPU) or NCCL (GPU) process
+group Ray Train sets up; DeepSpeed wraps it. Checkpoints go to the step's work
+folder (it outlives a Prefect retry) and are reported to Ray, so a killed
+worker restarts from the last one (FailureConfig) with its data position.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from orca_core.recipe.models import Recipe
+from tasks.fanout import ensure_ray
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 cores made steps 10x slower and erratic
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+
+    from orca_core.train import fit
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    resume = config["resume"]
+    restored = ray.train.get_checkpoint()  # set when Ray restarted a failed worker group
+    if restored is not None:
+        resume = Path(restored.to_directory(tempfile.mkdtemp(prefix="orca-resume-")))
+
+    def report(folder: Path, metrics: dict[str, Any]) -> None:
+        # Every worker reports (Ray expects it); rank 0 attaches the checkpoint folder all ranks wrote into.
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if rank0 else None)
+
+    fit(config["job"], on_checkpoint=report, resume_from=resume, on_step=config.get("on_step"))
+
+
+class RayTrainer:
+    """`(TrainJob, resume) -> summary` on Ray Train workers, as the recipe's `train` section says."""
+
+    def __init__(self, recipe: Recipe, log=print):
+        self.recipe, self.log = recipe, log
+
+    def __call__(self, job, resume: Path | None) -> dict[str, Any]:
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        ensure_ray(self.recipe)
+        t = self.recipe.train
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"job": job, "resume": resume},
+            scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                         resources_per_worker={"CPU": t.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=str(Path(job.checkpoint_dir).parent / "ray"), name="train",
+                                 failure_config=FailureConfig(max_failures=2)),
+        )
+        trainer.fit()
+        return summarize(Path(job.out_dir))
+
+
+def summarize(out_dir: Path) -> dict[str, Any]:
+    """Figures of an exported stage, from its metrics.parquet."""
+    metrics = pq.read_table(out_dir / "metrics.parquet").to_pylist()
+    if not metrics:
+        return {"steps": 0}
+    seconds = sum(m.get("seconds", 0.0) for m in metrics)
+    tokens = sum(m["tokens"] for m in metrics)
+    return {"steps": len(metrics), "final_loss": metrics[-1]["loss"], "first_loss": metrics[0]["loss"],
+            "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1) if seconds else None}

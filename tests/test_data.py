@@ -1,0 +1,213 @@
+"""Stage examples, masked ChatML encoding, best-fit-decreasing packing and the packed table."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pyarrow as pa
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from orca_core.data import IGNORE, build_dataset, encode, pack, padded_efficiency, stage_examples
+from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
+from orca_core.sources.procedural import generate_suite
+from orca_core.sources.schema import to_table
+from orca_core.tokenizer import IM_END, tokenizer_corpus, train_bpe
+from orca_core.traces import TRACE_SCHEMA
+
+ORCA1_SYSTEM = "You are an AI assistant. You will be given a task. You must generate a detailed and long answer."
+STRATEGY_PROMPT = "Solve it step by step, then state the final answer."
+
+
+@pytest.fixture(scope="module")
+def train_rows() -> list[dict]:
+    return generate_suite(None, 20, 0, seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def sources(train_rows) -> pa.Table:
+    heldout = {**train_rows[0], "id": "held", "split": "heldout", "inputs": "held-out question"}
+    return to_table(train_rows + [heldout])
+
+
+def explanation(row: dict, sentences: int) -> str:
+    return " ".join([f"Step {k}: we look at the question again and compute." for k in range(sentences)]
+                    + [f"The answer is {row['answer']}."])
+
+
+def traces_for(rows: list[dict], stage: str, role: str, system: str, teacher_system: str) -> list[dict]:
+    """One trace per source row in TRACE_SCHEMA; every fifth is dropped by the filter."""
+    out = []
+    for k, row in enumerate(rows):
+        trace = {name: None for name in TRACE_SCHEMA.names}
+        trace.update(source_id=row["id"], task_name=row["task_name"], stage=stage, teacher_role=role,
+                     strategy="step-by-step" if stage == "orca2" else "",
+                     system_message_id=3 if stage == "orca1" else 0,
+                     teacher_system=teacher_system, student_system=system, user=row["inputs"],
+                     response=explanation(row, k % 7), status="ok",
+                     verdict="dropped:gold_mismatch" if k % 5 == 4 else "kept")
+        out.append(trace)
+    return out
+
+
+@pytest.fixture(scope="module")
+def orca1(train_rows) -> pa.Table:
+    rows = (traces_for(train_rows, "orca1", "assistant", ORCA1_SYSTEM, ORCA1_SYSTEM)
+            + traces_for(train_rows[:60], "orca1", "strong", ORCA1_SYSTEM, ORCA1_SYSTEM))
+    return pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def orca2(train_rows) -> pa.Table:
+    rows = traces_for(train_rows[:100], "orca2", "strong", ORCA2_CAUTIOUS_SYSTEM_MESSAGE, STRATEGY_PROMPT)
+    rows += traces_for(train_rows[100:110], "selection", "strong", "", STRATEGY_PROMPT)
+    return pa.Table.from_pylist(rows, schema=TRACE_SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def tok(sources, orca1, orca2, tmp_path_factory) -> PreTrainedTokenizerFast:
+    return train_bpe(tokenizer_corpus(sources, [orca1, orca2]), 800, tmp_path_factory.mktemp("bpe"))
+
+
+def kept(table: pa.Table, **equal) -> list[dict]:
+    return [r for r in table.to_pylist() if r["verdict"] == "kept" and all(r[k] == v for k, v in equal.items())]
+
+
+def test_flan_stage_uses_original_targets(sources, train_rows):
+    examples = stage_examples("flan", sources, None, None, 0.0, 0)
+    assert len(examples) == len(train_rows)  # the held-out row is not trained on
+    for example, row in zip(examples, train_rows):
+        assert example == {"system": "", "user": row["inputs"], "assistant": row["targets"],
+                           "task_name": row["task_name"], "source_id": row["id"]}
+
+
+def test_orca1_stage_takes_kept_assistant_teacher_traces(sources, orca1):
+    examples = stage_examples("orca1", sources, orca1, None, 0.0, 0)
+    expected = kept(orca1, teacher_role="assistant")
+    assert len(examples) == len(expected) == 192  # 240 rows, 48 dropped; the 48 kept strong ones are not here
+    assert [e["assistant"] for e in examples] == [r["response"] for r in expected]
+    assert {e["system"] for e in examples} == {ORCA1_SYSTEM}
+
+
+def test_orca2_stage_erases_the_prompt_and_replays_strong_orca1(sources, orca1, orca2):
+    only = stage_examples("orca2", sources, orca1, orca2, 0.0, 0)
+    assert len(only) == 80  # 100 orca2 rows, 20 dropped; selection traces never train
+    assert {e["system"] for e in only} == {ORCA2_CAUTIOUS_SYSTEM_MESSAGE}
+    strong = {(r["source_id"], r["response"]) for r in kept(orca1, teacher_role="strong")}
+    assert len(strong) == 48
+    for ratio, replayed in [(0.25, 20), (0.5, 40), (1.0, 48)]:  # capped at the 48 that exist
+        examples = stage_examples("orca2", sources, orca1, orca2, ratio, seed=1)
+        assert examples[:80] == only
+        replay = examples[80:]
+        assert len(replay) == replayed
+        assert {(e["source_id"], e["assistant"]) for e in replay} <= strong
+        assert {e["system"] for e in replay} == {ORCA1_SYSTEM}
+    by_seed = [stage_examples("orca2", sources, orca1, orca2, 0.25, seed) for seed in (1, 1, 2)]
+    assert by_seed[0] == by_seed[1] != by_seed[2]
+
+
+def test_encode_labels_only_the_assistant_turn(tok, orca1, sources):
+    example = stage_examples("orca1", sources, orca1, None, 0.0, 0)[5]
+    encoded = encode(tok, example, 4096, "truncate")
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert not encoded["truncated"] and len(ids) == len(labels)
+    n_prompt = labels.count(IGNORE)
+    assert labels[:n_prompt] == [IGNORE] * n_prompt and labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[:n_prompt]) == (f"<|im_start|>system\n{ORCA1_SYSTEM}<|im_end|>\n"
+                                         f"<|im_start|>user\n{example['user']}<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(ids[n_prompt:]) == example["assistant"] + IM_END
+    assert ids[-1] == tok.convert_tokens_to_ids(IM_END)
+    assert tok.decode(ids) == tok.apply_chat_template(
+        [{"role": "system", "content": ORCA1_SYSTEM}, {"role": "user", "content": example["user"]},
+         {"role": "assistant", "content": example["assistant"]}], tokenize=False)
+
+
+def test_encode_overlong_truncates_or_drops(tok):
+    example = {"system": "", "user": "Count.", "assistant": " ".join(["1"] * 200), "task_name": "t", "source_id": "s"}
+    full = encode(tok, example, 4096, "truncate")
+    n_prompt = full["labels"].count(IGNORE)
+    cut = encode(tok, example, 100, "truncate")
+    assert cut["truncated"] and cut["input_ids"] == full["input_ids"][:100] and cut["labels"] == full["labels"][:100]
+    assert encode(tok, example, n_prompt + 1, "truncate")["labels"][-1] != IGNORE  # one label survives
+    assert encode(tok, example, n_prompt, "truncate") is None  # none would
+    assert encode(tok, example, 100, "drop") is None
+    assert encode(tok, example, len(full["input_ids"]), "drop") == full
+
+
+def realistic_lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(40, 400) for _ in range(n)]
+
+
+def test_pack_best_fit_decreasing():
+    lengths = realistic_lengths(2000)
+    bins = pack(lengths, 1024)
+    assert sorted(i for b in bins for i in b) == list(range(2000))
+    assert all(sum(lengths[i] for i in b) <= 1024 for b in bins)
+    efficiency = sum(lengths) / (len(bins) * 1024)
+    assert efficiency >= 0.98
+    assert padded_efficiency(lengths, 8) < efficiency - 0.2
+    assert pack(lengths, 1024) == bins
+    assert pack([5, 3, 4, 2, 6], 10) == [[4, 2], [0, 1, 3]]  # 6+4, then 5+3+2: each into its tightest bin
+    assert pack([], 10) == []
+    with pytest.raises(ValueError, match="more than max_len"):
+        pack([3, 11], 10)
+
+
+def test_padded_efficiency_pads_each_batch_to_its_longest():
+    assert padded_efficiency([1, 3, 2, 2], 2) == pytest.approx(8 / 10)
+    assert padded_efficiency([4, 4, 4], 2) == 1.0
+
+
+def examples_of_row(row: dict) -> list[tuple[list[int], list[int]]]:
+    starts = [k for k, p in enumerate(row["position_ids"]) if p == 0] + [len(row["position_ids"])]
+    return [(row["input_ids"][a:b], row["labels"][a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def test_build_dataset_packs_and_resets_positions(tok, sources, orca1):
+    examples = stage_examples("flan", sources, None, None, 0.0, 0) + stage_examples("orca1", sources, orca1, None, 0, 0)
+    table, stats = build_dataset(examples, tok, 256, "truncate", seed=3)
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("n_examples").type == pa.int32()
+    rows = table.to_pylist()
+    packed = []
+    for row in rows:
+        parts = examples_of_row(row)
+        assert all(row["position_ids"][k] == row["position_ids"][k - 1] + 1 or row["position_ids"][k] == 0
+                   for k in range(1, row["n_tokens"]))
+        assert row["n_examples"] == len(parts) and row["n_tokens"] == len(row["input_ids"]) <= 256
+        assert row["n_label_tokens"] == sum(label != IGNORE for label in row["labels"])
+        packed += parts
+    encoded = [encode(tok, e, 256, "truncate") for e in examples]
+    assert Counter(map(repr, packed)) == Counter(repr((e["input_ids"], e["labels"])) for e in encoded if e)
+    assert stats["kept"] + stats["dropped_overlong"] == stats["examples"] == len(examples)
+    assert stats["rows"] == len(rows) and stats["tokens"] == sum(r["n_tokens"] for r in rows)
+    assert stats["packing_efficiency"] == pytest.approx(stats["tokens"] / (len(rows) * 256))
+    assert stats["examples_per_row"]["max"] == max(r["n_examples"] for r in rows)
+    assert stats["label_tokens"] == sum(r["n_label_tokens"] for r in rows)
+    assert sum(stats["by_task"].values()) == stats["kept"] == sum(r["n_examples"] for r in rows)
+    json.dumps(stats)
+    again, _ = build_dataset(examples, tok, 256, "truncate", seed=3)
+    other, _ = build_dataset(examples, tok, 256, "truncate", seed=4)
+    assert again.equals(table) and not other.equals(table)
+
+
+def test_build_dataset_counts_truncated_and_dropped(tok):
+    def example(n_words: int) -> dict:
+        return {"system": "", "user": "Say it.", "assistant": " ".join(["word"] * n_words), "task_name": "t",
+                "source_id": str(n_words)}
+    examples = [example(n) for n in (5, 10, 300, 400)] + [{**example(5), "user": "long " * 400}]
+    truncated, stats = build_dataset(examples, tok, 128, "truncate", seed=0)
+    assert (stats["kept"], stats["truncated"], stats["dropped_overlong"]) == (4, 2, 1)
+    assert max(truncated["n_tokens"].to_pylist()) == 128
+    dropped, stats = build_dataset(examples, tok, 128, "drop", seed=0)
+    assert (stats["kept"], stats["truncated"], stats["dropped_overlong"]) == (2, 0, 3)
+    assert dropped.num_rows == 1 and dropped["n_examples"].to_pylist() == [2]
+
+
+def test_build_dataset_of_nothing(tok):
+    table, stats = build_dataset([], tok, 64, "drop", seed=0)
+    assert table.num_rows == 0 and stats["rows"] == 0 and stats["packing_efficiency"] == 0.0
+    assert table.schema.field("labels").type == pa.list_(pa.int32())

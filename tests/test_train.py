@@ -1,0 +1,286 @@
+"""Training: golden losses, packing isolation, kill -9 and exact resume, export, ZeRO-3 export, checkpoint checks.
+
+Everything runs on a tiny random-init Llama (hidden 32, 2 layers, vocab 300) and a
+synthetic packed dataset (the response is a function of the prompt, so the loss falls).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from orca_core import train
+from orca_core.model import build_base_model
+from orca_core.recipe.models import ModelConfig, TokenizerConfig
+from orca_core.train import TrainJob, collate, fit, shifted_targets, token_losses, validate_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+MAX_LEN, VOCAB = 64, 300
+ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+        "max_position_embeddings": MAX_LEN}
+# The first five losses of `golden_job` (fp32, ZeRO-2, one process) on this machine's torch 2.13 CPU.
+GOLDEN = [5.7289299964904785, 5.679078102111816, 5.641341209411621, 5.545971393585205, 5.421375274658203]
+PACKED_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("position_ids", pa.list_(pa.int32())),
+    ("n_examples", pa.int32()), ("n_tokens", pa.int32()), ("n_label_tokens", pa.int32()),
+])
+CHILD = """
+import json, sys, time
+from orca_core.train import TrainJob, fit
+job = TrainJob(**json.loads(sys.argv[1]))
+def on_step(m):
+    print("STEP", m["step"], flush=True)
+    time.sleep(float(sys.argv[3]))
+def on_checkpoint(path, metrics):
+    print("CKPT", path, flush=True)
+result = fit(job, on_checkpoint=on_checkpoint, resume_from=sys.argv[2] or None, on_step=on_step)
+print("LOSSES", json.dumps([m["loss"] for m in result["metrics"]]), flush=True)
+"""
+
+
+def make_tokenizer(out: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of VOCAB tokens with the pipeline's special tokens ([PAD] = 0, <|im_end|> = 2)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["[PAD]", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([f"what is {i} plus {i * 7 % 13}? it is {i + i * 7 % 13}." for i in range(300)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="[PAD]", eos_token="<|im_end|>")
+    tokenizer.save_pretrained(out)
+    return tokenizer
+
+
+def make_packed(path: Path, n_rows: int, eos: int, seed: int = 0) -> None:
+    """Rows of examples "prompt, response, eos", labels on the response, packed up to MAX_LEN.
+
+    The response is the prompt reversed and mapped to 16 tokens: learnable in a few steps.
+    """
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        row = {"input_ids": [], "labels": [], "position_ids": [], "n_examples": 0, "n_label_tokens": 0}
+        while True:
+            prompt = rng.integers(3, VOCAB, int(rng.integers(3, 12))).tolist()
+            response = [3 + t % 16 for t in reversed(prompt)] + [eos]
+            if len(row["input_ids"]) + len(prompt) + len(response) > MAX_LEN:
+                break
+            row["input_ids"] += prompt + response
+            row["labels"] += [-100] * len(prompt) + response
+            row["position_ids"] += list(range(len(prompt) + len(response)))
+            row["n_examples"] += 1
+            row["n_label_tokens"] += len(response)
+            if rng.random() < 0.3:  # some rows end early: padding in the batch
+                break
+        rows.append({**row, "n_tokens": len(row["input_ids"])})
+    pq.write_table(pa.Table.from_pylist(rows, schema=PACKED_SCHEMA), path)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train")
+    tokenizer = make_tokenizer(root / "tokenizer")
+    assert len(tokenizer) == VOCAB
+    cfg = ModelConfig(kind="random_init", architecture=ARCH, tokenizer=TokenizerConfig(kind="train_bpe"))
+    build_base_model(cfg, root / "tokenizer", root / "base", seed=0)
+    make_packed(root / "packed.parquet", n_rows=32, eos=tokenizer.eos_token_id)
+    return {"root": root, "base": root / "base", "data": root / "packed.parquet"}
+
+
+def golden_job(base: dict[str, Path], name: str) -> TrainJob:
+    return TrainJob(
+        init_dir=base["base"], dataset=base["data"], out_dir=base["root"] / name / "out",
+        checkpoint_dir=base["root"] / name / "ckpt", epochs=2, lr=3e-3, max_len=MAX_LEN, micro_batch_size=2,
+        grad_accum=2, warmup_steps=2, min_lr_ratio=0.1, weight_decay=0.01, zero_stage=2,
+        deepspeed_config=REPO / "infra/deepspeed/zero2.json", seed=0, checkpoint_every=3,
+        recipe_slice={"stage": "test", "lr": 3e-3},
+    )
+
+
+def fit_capturing(job: TrainJob, capture) -> tuple[dict, dict]:
+    """fit(job), with `capture(engine)` called on the trained engine just before the export."""
+    captured: dict = {}
+
+    def export(engine, *args):
+        captured.update(capture(engine))
+        real_export(engine, *args)
+
+    real_export = train.export
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "export", export)
+        return fit(job), captured
+
+
+PROBE = torch.arange(3, 3 + 40).reshape(2, 20)
+
+
+@pytest.fixture(scope="module")
+def golden_run(base) -> tuple[TrainJob, dict, dict]:
+    job = golden_job(base, "golden")
+
+    def logits(engine):
+        with torch.no_grad():
+            return {"logits": engine.module(input_ids=PROBE).logits}
+
+    result, captured = fit_capturing(job, logits)
+    return job, result, captured
+
+
+def test_golden_losses(golden_run):
+    _, result, _ = golden_run
+    losses = [m["loss"] for m in result["metrics"]]
+    assert len(losses) == 16  # 32 rows / (2 x 2) per step, 2 epochs
+    np.testing.assert_allclose(losses[:5], GOLDEN, rtol=1e-6)
+    assert losses[-1] < losses[0] - 0.5
+    assert [m["step"] for m in result["metrics"]] == list(range(1, 17))
+
+
+def test_packed_row_loss_is_the_sum_of_its_examples(base):
+    model = AutoModelForCausalLM.from_pretrained(base["base"], dtype=torch.float32)
+    row = next(r for r in pq.read_table(base["data"]).to_pylist() if r["n_examples"] >= 3 and r["n_tokens"] < MAX_LEN)
+    batch = collate([row], MAX_LEN, pad_id=0)
+    n = row["n_tokens"]
+    assert batch["position_ids"][0, n:].tolist() == list(range(MAX_LEN - n))
+    assert (batch["labels"][0, n:] == -100).all() and (batch["input_ids"][0, n:] == 0).all()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        packed = token_losses(logits, shifted_targets(batch["labels"], batch["position_ids"])).sum()
+        alone = 0.0
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [n]
+        for start, end in zip(starts, starts[1:]):
+            ids = torch.tensor([row["input_ids"][start:end]])
+            labels = torch.tensor([row["labels"][start:end]])
+            positions = torch.arange(end - start)[None]
+            logits = model(input_ids=ids, use_cache=False).logits
+            alone += token_losses(logits, shifted_targets(labels, positions)).sum()
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits  # one causal sequence: examples see earlier ones
+        leaky = token_losses(leaky, shifted_targets(batch["labels"], batch["position_ids"])).sum()
+    assert len(starts) - 1 == row["n_examples"]
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)
+    assert abs(leaky - alone) > 1e-3  # the check above can fail
+
+
+def _child(job: TrainJob, resume: str = "", sleep: float = 0.0, **kw) -> subprocess.Popen:
+    args = [sys.executable, "-c", CHILD, json.dumps(asdict(job), default=str), resume, str(sleep)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_and_resume_gives_the_same_losses(golden_run, base, tmp_path):
+    job = replace(golden_job(base, "killed"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+    with open(tmp_path / "first.log", "w") as log, _child(job, sleep=0.3, stderr=log) as child:
+        checkpoint = None
+        for line in child.stdout:
+            if line.startswith("CKPT") and line.strip().endswith("step6"):
+                checkpoint = line.split(maxsplit=1)[1].strip()
+                child.send_signal(signal.SIGKILL)
+                break
+        rest = child.stdout.read()
+        assert child.wait() == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    assert checkpoint and "LOSSES" not in rest
+    assert validate_checkpoint(Path(checkpoint))
+    with open(tmp_path / "second.log", "w") as log, _child(job, resume=checkpoint, stderr=log) as resumed:
+        out = resumed.stdout.read()
+        assert resumed.wait() == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert "STEP 7\n" in out and "STEP 6\n" not in out
+    losses = json.loads(out.split("LOSSES", 1)[1])
+    assert losses == [m["loss"] for m in golden_run[1]["metrics"]]
+
+
+def test_export_matches_the_live_model(golden_run):
+    job, result, captured = golden_run
+    out = Path(job.out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.dtype == torch.float32 and tokenizer.pad_token == "[PAD]"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert model.generation_config.do_sample is False
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=PROBE).logits, captured["logits"], atol=1e-6, rtol=0)
+    metrics = pq.read_table(out / "metrics.parquet")
+    assert metrics.num_rows == len(result["metrics"])
+    assert {"step", "epoch", "loss", "lr", "tokens", "label_tokens", "tokens_per_s"} <= set(metrics.column_names)
+    assert metrics["loss"].to_pylist() == [m["loss"] for m in result["metrics"]]
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert json.loads((out / "recipe.json").read_text()) == {"stage": "test", "lr": 3e-3}
+
+
+def test_zero3_export_has_the_module_weights(golden_run, base):
+    import deepspeed
+
+    def gather(engine):
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            return {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+
+    job = replace(golden_job(base, "zero3"), zero_stage=3,
+                  deepspeed_config=REPO / "infra/deepspeed/zero3_bf16.json")  # the job's fp32 wins
+    result, weights = fit_capturing(job, gather)
+    exported = load_file(Path(job.out_dir) / "model.safetensors")
+    assert set(exported) == set(weights)
+    for name, value in weights.items():
+        assert torch.equal(exported[name], value), name
+    zero2 = [m["loss"] for m in golden_run[1]["metrics"]]
+    np.testing.assert_allclose([m["loss"] for m in result["metrics"]], zero2, rtol=1e-5)
+    assert AutoModelForCausalLM.from_pretrained(job.out_dir).dtype == torch.float32
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "infra/deepspeed").glob("*.json")), ids=lambda p: p.stem)
+def test_each_deepspeed_config_trains_at_its_own_stage_and_precision(base, tmp_path, config):
+    settings = json.loads(config.read_text())
+    precision = "bf16" if settings.get("bf16", {}).get("enabled") else "fp32"
+    job = replace(golden_job(base, "config"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                  epochs=1, deepspeed_config=config, zero_stage=settings["zero_optimization"]["stage"],
+                  precision=precision)
+    losses = [m["loss"] for m in fit(job)["metrics"]]
+    assert len(losses) == 8 and np.isfinite(losses).all() and losses[-1] < losses[0]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert AutoModelForCausalLM.from_pretrained(job.out_dir).dtype == dtype
+    assert validate_checkpoint(job.checkpoint_dir)
+
+
+def test_validate_checkpoint_rejects_a_damaged_checkpoint(golden_run, tmp_path):
+    job = golden_run[0]
+    assert validate_checkpoint(job.checkpoint_dir / "step3")
+    assert validate_checkpoint(job.checkpoint_dir)  # via `latest`
+    damaged = shutil.copytree(job.checkpoint_dir / "step3", tmp_path / "step3")
+    for file in damaged.glob("*.pt"):
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2])
+        assert not validate_checkpoint(damaged)
+        file.write_bytes(data)
+    assert validate_checkpoint(damaged)
+    (damaged / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    assert not validate_checkpoint(damaged)
+    (damaged / "mp_rank_00_model_states.pt").unlink()
+    assert not validate_checkpoint(damaged)
+
+
+def test_base_model_from_a_local_pretrained_folder_takes_the_tokenizer(base, tmp_path):
+    pretrained = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB - 20, **ARCH))
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    cfg = ModelConfig(kind="pretrained", path=str(tmp_path / "pretrained"), tokenizer=TokenizerConfig(kind="train_bpe"))
+    build_base_model(cfg, base["base"], tmp_path / "stage0", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "stage0")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "stage0")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) == VOCAB
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    old = pretrained.get_input_embeddings().weight
+    assert torch.equal(model.get_input_embeddings().weight[: len(old)], old)
