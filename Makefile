@@ -22,14 +22,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/orca run --recipe $(RECIPE) $(foreach s,$(SET),--set $(s))
+	OMP_NUM_THREADS=1 $(BIN)/orca run --recipe $(RECIPE) $(foreach s,$(SET),--set $(s))
 
 test: setup
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python bench/sources.py
 	$(BIN)/python bench/fanout.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/train.py
 
 clean:
 	rm -rf runs runs-* .pytest_cache

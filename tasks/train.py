@@ -8,14 +8,18 @@ worker restarts from the last one (FailureConfig) with its data position.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from orca_core.recipe.models import Recipe
+from orca_core.train import steps_per_epoch
 from tasks.fanout import ensure_ray
 
 
@@ -33,19 +37,25 @@ def _train_loop(config: dict[str, Any]) -> None:
     if restored is not None:
         resume = Path(restored.to_directory(tempfile.mkdtemp(prefix="orca-resume-")))
 
+    progress = Path(config["progress_file"])
+
+    def on_step(metrics: dict[str, Any]) -> None:  # rank 0 only: the driver tails this file for live progress
+        with progress.open("a") as handle:
+            handle.write(json.dumps(metrics) + "\n")
+
     def report(folder: Path, metrics: dict[str, Any]) -> None:
         # Every worker reports (Ray expects it); rank 0 attaches the checkpoint folder all ranks wrote into.
         rank0 = ray.train.get_context().get_world_rank() == 0
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if rank0 else None)
 
-    fit(config["job"], on_checkpoint=report, resume_from=resume, on_step=config.get("on_step"))
+    fit(config["job"], on_checkpoint=report, resume_from=resume, on_step=on_step)
 
 
 class RayTrainer:
     """`(TrainJob, resume) -> summary` on Ray Train workers, as the recipe's `train` section says."""
 
-    def __init__(self, recipe: Recipe, log=print):
-        self.recipe, self.log = recipe, log
+    def __init__(self, recipe: Recipe, log=print, every_s: float = 10.0):
+        self.recipe, self.log, self.every_s = recipe, log, every_s
 
     def __call__(self, job, resume: Path | None) -> dict[str, Any]:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -53,17 +63,35 @@ class RayTrainer:
 
         ensure_ray(self.recipe)
         t = self.recipe.train
+        progress = Path(job.checkpoint_dir).parent / "progress.jsonl"
+        progress.parent.mkdir(parents=True, exist_ok=True)
+        progress.unlink(missing_ok=True)
         trainer = TorchTrainer(
             _train_loop,
-            train_loop_config={"job": job, "resume": resume},
+            train_loop_config={"job": job, "resume": resume, "progress_file": str(progress)},
             scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
             run_config=RunConfig(storage_path=str(Path(job.checkpoint_dir).parent / "ray"), name="train",
                                  failure_config=FailureConfig(max_failures=2)),
         )
-        trainer.fit()
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(trainer.fit)
+            while not running.done():
+                self._log_progress(progress, job)
+                time.sleep(self.every_s)
+            running.result()
         return summarize(Path(job.out_dir))
+
+    def _log_progress(self, progress: Path, job) -> None:
+        """loss, lr, tokens/s and ETA from the newest line of the workers' progress file."""
+        if not progress.exists() or not (lines := progress.read_text().splitlines()):
+            return
+        latest = json.loads(lines[-1])
+        total = steps_per_epoch(pq.ParquetFile(job.dataset).metadata.num_rows, job, self.recipe.train.workers) * job.epochs
+        per_step = latest["elapsed"] / max(len(lines), 1)
+        self.log(f"{Path(job.out_dir).name}: step {latest['step']}/{total} | loss {latest['loss']:.4f} | "
+                 f"lr {latest['lr']:.2e} | {latest['tokens_per_s']:.0f} tok/s | ETA {per_step * (total - latest['step']):.0f}s")
 
 
 def summarize(out_dir: Path) -> dict[str, Any]:

@@ -50,4 +50,4 @@ def test_orca_core_imports_neither_prefect_nor_ray(python):
         "print(bad)"
     )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip().splitlines()[-1] == "[]"  # (DeepSpeed prints a notice on import)
