@@ -71,7 +71,7 @@ def prefect_step(step: Step) -> Task:
         if step.name.startswith("train-") and store.is_local:
             from tasks.train import RayTrainer
 
-            ctx.trainer, ctx.work_root = RayTrainer(parsed, logger.info), Path(store.url(".train-work"))
+            ctx.trainer, ctx.work_root = RayTrainer(parsed, ctx.sink), Path(store.url(".train-work"))
         result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)

@@ -54,8 +54,8 @@ def _train_loop(config: dict[str, Any]) -> None:
 class RayTrainer:
     """`(TrainJob, resume) -> summary` on Ray Train workers, as the recipe's `train` section says."""
 
-    def __init__(self, recipe: Recipe, log=print, every_s: float = 10.0):
-        self.recipe, self.log, self.every_s = recipe, log, every_s
+    def __init__(self, recipe: Recipe, sink=lambda done, total, line: print(line), every_s: float = 2.0):
+        self.recipe, self.sink, self.every_s = recipe, sink, every_s  # sink(done, total, line): log lines + a bar
 
     def __call__(self, job, resume: Path | None) -> dict[str, Any]:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -90,8 +90,8 @@ class RayTrainer:
         latest = json.loads(lines[-1])
         total = steps_per_epoch(pq.ParquetFile(job.dataset).metadata.num_rows, job, self.recipe.train.workers) * job.epochs
         per_step = latest["elapsed"] / max(len(lines), 1)
-        self.log(f"{Path(job.out_dir).name}: step {latest['step']}/{total} | loss {latest['loss']:.4f} | "
-                 f"lr {latest['lr']:.2e} | {latest['tokens_per_s']:.0f} tok/s | ETA {per_step * (total - latest['step']):.0f}s")
+        self.sink(latest["step"], total, f"step {latest['step']}/{total} | loss {latest['loss']:.4f} | lr {latest['lr']:.2e} | "
+                                         f"{latest['tokens_per_s']:.0f} tok/s | ETA {per_step * (total - latest['step']):.0f}s")
 
 
 def summarize(out_dir: Path) -> dict[str, Any]:

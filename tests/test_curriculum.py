@@ -91,3 +91,57 @@ def test_second_run_trains_nothing_and_a_corrupt_checkpoint_is_rebuilt(trained, 
         rebuilt = run_all(recipe, store)["train-orca2"]
     assert not rebuilt.cached and "does not validate" in caplog.text
     assert store.lookup("train-orca2", last.key) is not None
+
+
+def test_a_retry_resumes_from_the_checkpoint_in_the_work_folder(trained):
+    recipe, store, first = trained
+    done = first["train-flan"].ref
+    before = load_file(Path(done.url) / "model.safetensors")
+    state = Path(done.url) / "training_state"
+    steps_done = pq.read_table(Path(done.url) / "metrics.parquet").num_rows
+    work = Path(store.url(".train-work", "train-flan", done.key, "checkpoints"))
+    shutil.copytree(state, work / f"step{steps_done}")  # what a killed attempt leaves behind
+    store.supersede("train-flan", done.key)
+    results = run_all(recipe, store)
+    again = results["train-flan"]
+    assert not again.cached and store.manifest(again.ref)["stats"]["resumed_from"] == f"step{steps_done}"
+    after = load_file(Path(again.ref.url) / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the same weights: nothing trained twice
+    assert pq.read_table(Path(again.ref.url) / "metrics.parquet").num_rows == steps_done
+    assert not work.exists()  # the work folder is removed once the stage is published
+    assert all(r.cached for name, r in results.items() if name != "train-flan")  # identical content: nothing downstream reruns
+
+
+VLLM_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    prompts = json.loads(sys.argv[2])
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, skip_special_tokens=False))
+    print("TOKENS", json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def test_the_exported_stage_loads_in_vllm_with_the_same_greedy_tokens(trained, tmp_path, python):
+    import os
+    import subprocess
+
+    recipe, store, results = trained
+    folder = Path(results["train-orca2"].ref.url)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    messages = [[{"role": "system", "content": ""}, {"role": "user", "content": q}] for q in ("Calculate 3 + 4.", "Spell this word backward: cat")]
+    prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+    expected = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_CACHE_ROOT": str(tmp_path / "vllm"), "VLLM_LOGGING_LEVEL": "WARNING"}
+    done = subprocess.run([python, "-c", VLLM_SCRIPT, str(folder), json.dumps(prompts)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("TOKENS"))[7:])
+    assert got == expected
