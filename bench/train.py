@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 import os
 import random
 import tempfile
@@ -80,6 +82,14 @@ def padded_batches(encoded: list[dict], micro: int, pad_id: int) -> list[dict]:
 
 
 def main() -> None:
+    # DeepSpeed and transformers print notices on stdout: keep stdout for the JSON alone.
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        result = measure()
+    print(json.dumps(result, indent=2), file=real_stdout)
+
+
+def measure() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=1500)
     parser.add_argument("--steps", type=int, default=30)
@@ -132,7 +142,7 @@ def main() -> None:
         raw_step = train_step_time(AutoModelForCausalLM.from_pretrained(tmp / "base", dtype=torch.float32), packed[:steps], steps)
         result["deepspeed_overhead"] = {"zero2_step_s": round(ds_step, 4), "torch_step_s": round(raw_step, 4),
                                         "overhead": round(ds_step / raw_step - 1, 3)}
-    print(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
