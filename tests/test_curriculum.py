@@ -109,7 +109,9 @@ def test_a_retry_resumes_from_the_checkpoint_in_the_work_folder(trained):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the same weights: nothing trained twice
     assert pq.read_table(Path(again.ref.url) / "metrics.parquet").num_rows == steps_done
     assert not work.exists()  # the work folder is removed once the stage is published
-    assert all(r.cached for name, r in results.items() if name != "train-flan")  # identical content: nothing downstream reruns
+    # Nothing upstream of training reruns. (Later stages do: the export's timing metrics are new, so its
+    # content digest changed, and what was built from it is rebuilt; that is the conservative rule.)
+    assert all(r.cached for name, r in results.items() if not name.startswith("train-"))
 
 
 VLLM_SCRIPT = """

