@@ -48,13 +48,8 @@ def _cache_key(context: Any, parameters: dict[str, Any]) -> str:
     return parameters["key"]  # the step key alone: retry_failed is how to run, not what to make
 
 
-_TASKS: dict[tuple[str, int], Task] = {}
-
-
 def prefect_step(step: Step) -> Task:
     """A Prefect task that returns the step's ArtifactRef (building it only when needed)."""
-    if (step.name, id(step.build)) in _TASKS:
-        return _TASKS[(step.name, id(step.build))]
 
     def run(recipe: dict[str, Any], key: str, retry_failed: bool = False) -> ArtifactRef:
         logger = get_run_logger()
@@ -77,15 +72,13 @@ def prefect_step(step: Step) -> Task:
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
         return result.ref
 
-    made = task(
+    return task(
         run,
         name=step.name,
         task_run_name=f"{step.name}-{{key:.12}}",
         cache_key_fn=_cache_key,
         persist_result=True,
     )
-    _TASKS[(step.name, id(step.build))] = made
-    return made
 
 
 @dataclass(frozen=True)
