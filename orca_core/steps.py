@@ -134,10 +134,19 @@ def steps_for(recipe: Recipe) -> dict[str, Step]:
 
 
 # -- keys ------------------------------------------------------------------------
-def components(step: Step, recipe: Recipe) -> dict[str, Any]:
-    """key.json of `step` under `recipe` (upstream keys computed recursively)."""
+def components(step: Step, recipe: Recipe, _keys: dict[str, str] | None = None) -> dict[str, Any]:
+    """key.json of `step` under `recipe` (upstream keys computed recursively).
+
+    Each upstream key is computed once per call: a key's inputs may hash large files (a FLAN dump),
+    and every downstream step reaches `sources` through many paths.
+    """
+    keys = {} if _keys is None else _keys
     known = steps_for(recipe)
-    upstream = {name: plan_key(known[name], recipe) for name in step.upstream_of(recipe)}
+    upstream = {}
+    for name in step.upstream_of(recipe):
+        if name not in keys:
+            keys[name] = step_key(components(known[name], recipe, keys))
+        upstream[name] = keys[name]
     return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe))
 
 
