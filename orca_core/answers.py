@@ -30,8 +30,8 @@ _STATEMENTS = [
     ("####", re.compile(r"^\s*####\s*(.+?)\s*$", re.MULTILINE)),
     ("\\boxed", re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")),
 ]
-_LETTER_LINE = ("(", re.compile(r"^\s*\(([A-J])\)\s*\.?\s*$", re.MULTILINE))  # a lone "(B)" line, MC only
-_LETTER = re.compile(r"^\(?([A-J])(?:[).:]|$)")
+_LETTER_LINE = ("(", re.compile(r"^\s*\(([A-Z])\)\s*\.?\s*$", re.MULTILINE))  # a lone "(B)" line, MC only
+_LETTER = re.compile(r"^\(?([A-Z])(?:[).:]|$)")
 _NUMBER = re.compile(r"(?<!\w)(?:-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?::\d{2})+|-?\d+(?:\.\d+)?)(?!\w)")
 _WRAPPERS = "\"'`*_$“”‘’"
 
@@ -66,7 +66,7 @@ def normalize(text: str) -> str:
 def _option_pattern(options: tuple[str, ...]) -> re.Pattern[str]:
     """Any option as a whole word (longest first, so 'mother-in-law' beats 'mother'), or '(B)'."""
     texts = sorted((o for o in options if o.strip()), key=lambda o: (-len(o), o))
-    alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts] + [r"\([A-J]\)"]
+    alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts] + [r"\([A-Z]\)"]
     return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
