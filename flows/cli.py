@@ -2,6 +2,7 @@
 
     orca run --recipe tiny [--set sources.seed=1]   run the pipeline flow
     orca recipe show tiny [--set ...]               print the resolved recipe
+    orca eval CHECKPOINT --set eval.suite=real-offline  score a checkpoint folder, write a report
     orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
     orca store ls --recipe tiny                     the artifacts in the store
     orca teacher serve --recipe tiny --port 8000    the oracle teacher, OpenAI-compatible
@@ -62,6 +63,26 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
     console.print("outputs:")
     for o in outcomes:
         console.print(f"  {o['step']:<10} {o['artifact']}", highlight=False, soft_wrap=True)
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder (HF format: config, weights, tokenizer).")],
+             recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+             name: str = typer.Option(None, help="The model's name in the report (default: the folder's name).")) -> None:
+    """Score CHECKPOINT zero-shot on the recipe's eval suite (cached by content, resumed per benchmark)."""
+    resolved = _load(recipe, set_)
+    from flows.evaluate import orca_evaluate
+
+    result = orca_evaluate(checkpoint=checkpoint, recipe=recipe, overrides=set_ or [], name=name)
+    table = Table(title=f"{name or checkpoint}: zero-shot accuracy, flexible (strict) [95% CI], {resolved.eval.suite}")
+    if result["table"]:
+        for column in result["table"][0]:
+            table.add_column(column, overflow="fold")
+        for row in result["table"]:
+            table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    console.print(f"{result['state']}: {result['generated']} benchmark result(s) generated, {result['reused']} reused")
+    console.print(f"report: {result['artifact']}/report.md (and report.html)", highlight=False, soft_wrap=True)
 
 
 @recipe_app.command("show")

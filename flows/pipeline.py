@@ -2,8 +2,7 @@
 
     sources -> strategies -> traces (Orca 1, Orca 2) -> filters -> tokenizer -> base model
             -> for each curriculum stage: dataset -> train (from the previous stage's weights)
-
-(Evaluation joins in a later issue.)
+            -> eval-base, eval-<stage> (zero-shot, each system message) -> report
 
     orca run --recipe tiny [--set sources.seed=1] [--retry-failed]
 """
@@ -15,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from orca_core.recipe import load_recipe, recipe_hash
 from orca_core.steps import steps_for
+from tasks.report import publish_report
 from tasks.step import StepOutcome, call_step, prefect_step
 
 
@@ -34,6 +34,10 @@ def orca_pipeline(recipe: str = "tiny", overrides: list[str] | None = None, retr
         logger.info("%-15s %-9s %s rows=%s %.1fs %s", o.step, o.state, o.key[:12], o.rows, o.seconds, o.ref.url)
         lines.append(f"| {o.step} | {o.state} | `{o.key[:12]}` | {o.rows} | {o.seconds:.1f} | `{o.ref.url}` |")
     create_markdown_artifact("\n".join(lines), key="orca-pipeline-summary", description="steps of this run")
+    report = next((o for o in outcomes if o.step == "report"), None)
+    if report is not None:
+        publish_report(resolved.store.root, report.ref)
+        logger.info("report: %s/report.md (+ report.html, accuracy.png, loss.png)", report.ref.url)
     return [
         {"step": o.step, "state": o.state, "key": o.key, "rows": o.rows, "seconds": round(o.seconds, 2), "artifact": o.ref.url}
         for o in outcomes

@@ -114,10 +114,15 @@ def _flexible(text: str, options: Sequence[str]) -> str | None:
     return numbers[-1] if numbers else lines[-1]
 
 
-def extract(text: str, options: Sequence[str] = ()) -> Extraction:
+def extract(text: str, options: Sequence[str] = (), map_options: bool = True) -> Extraction:
+    """The answer `text` states (strict) and the one a lenient reader finds (flexible).
+
+    With `options`, answers are mapped onto the option they name unless `map_options` is off
+    (evaluation maps to letters itself: an option whose text is "B" must not pass for letter B).
+    """
     strict = _strict(text, options)
     flexible = strict if strict is not None else _flexible(text, options)
-    if options:
+    if options and map_options:
         strict = to_option(strict, options) if strict is not None else None
         flexible = to_option(flexible, options) if flexible is not None else None
     return Extraction(strict, flexible)

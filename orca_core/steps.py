@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orca_core import curriculum, generate
+from orca_core.eval import steps as evaluation
 from orca_core.generate import StepContext
 from orca_core.keys import canonical_json, diff_components, file_sha256, key_components, sha256_text, step_key
 from orca_core.recipe.models import Recipe
@@ -128,9 +129,29 @@ def curriculum_steps(recipe: Recipe) -> list[Step]:
     return made
 
 
+def eval_steps(recipe: Recipe) -> list[Step]:
+    """`eval-<model>` for the base model and each stage, then `report` over all of them."""
+    made = [Step(f"eval-{name}", version=1, upstream=evaluation.eval_upstream(model_step),
+                 build=evaluation.build_eval_for(model_step), reads=evaluation.eval_reads, inputs=evaluation.eval_inputs)
+            for name, model_step in evaluation.models(recipe).items()]
+    report = Step("report", version=1, upstream=evaluation.report_upstream, build=evaluation.build_report,
+                  reads=lambda r: {"models": list(evaluation.models(r)), "bootstrap_samples": r.eval.bootstrap_samples,
+                                   "seed": r.seed})
+    return [*made, report]
+
+
+def checkpoint_eval_step(checkpoint: Path, name: str) -> Step:
+    """`eval-checkpoint`: score a checkpoint folder from anywhere, keyed by its content (never its path)."""
+    digest = evaluation.checkpoint_digest(checkpoint)
+    return Step("eval-checkpoint", version=1, upstream=evaluation.eval_upstream(None),
+                build=evaluation.build_checkpoint_eval(checkpoint, name, digest),
+                reads=lambda r: {**evaluation.eval_reads(r), "name": name},
+                inputs=lambda r: {"checkpoint": digest, **evaluation.eval_inputs(r)})
+
+
 def steps_for(recipe: Recipe) -> dict[str, Step]:
     """Every step of the recipe's DAG, in run order."""
-    return {step.name: step for step in [*DATA_STEPS, TOKENIZER, BASE_MODEL, *curriculum_steps(recipe)]}
+    return {step.name: step for step in [*DATA_STEPS, TOKENIZER, BASE_MODEL, *curriculum_steps(recipe), *eval_steps(recipe)]}
 
 
 # -- keys ------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from prefect import Task, get_run_logger, task
 from prefect.filesystems import RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
+from orca_core.eval.steps import EVAL_WORK
 from orca_core.generate import StepContext
 from orca_core.keys import sha256_text, step_key
 from orca_core.recipe.models import Recipe
@@ -67,6 +68,8 @@ def prefect_step(step: Step) -> Task:
             from tasks.train import RayTrainer
 
             ctx.trainer, ctx.work_root = RayTrainer(parsed, ctx.sink), Path(store.url(".train-work"))
+        if step.name.startswith("eval-") and store.is_local:  # generations in flight survive a retry
+            ctx.work_root = Path(store.url(EVAL_WORK))
         result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)

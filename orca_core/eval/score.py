@@ -58,10 +58,9 @@ def letter_of(answer: str | None, options: tuple[str, ...]) -> str | None:
 
 def _mc(output: str, options: tuple[str, ...]) -> tuple[str | None, str | None]:
     lone = _LONE_LETTER.match(output)
-    strict = letter_of(lone.group(1), options) if lone else None
-    if strict is None:
-        strict = letter_of(answers.extract(output, options).strict, options)
-    flexible = strict or letter_of(answers.extract(output, options).flexible, options)
+    raw = answers.extract(output, options, map_options=False)  # letters stay letters: option texts can be "B"
+    strict = letter_of(lone.group(1) if lone else raw.strict, options)
+    flexible = strict or letter_of(raw.flexible, options)
     if flexible is None:
         first = next((m.group(1) for m in _FIRST_CAPITAL.finditer(output) if ord(m.group(1)) - 65 < len(options)), None)
         flexible = first
@@ -84,14 +83,22 @@ def normalize_text(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
+def _text(output: str) -> tuple[str | None, str | None]:
+    strict = answers.extract(output).strict
+    lines = [answers.clean(line) for line in output.splitlines() if answers.clean(line)]
+    return strict, strict if strict is not None else (lines[-1] if lines else None)
+
+
 def _text_correct(answer: str | None, golds: tuple[str, ...]) -> bool:
+    """Normalized equality with any gold; a numeric gold also matches the answer's last number ("18 yards")."""
     if answer is None:
         return False
     for gold in golds:
         if normalize_text(answer) == normalize_text(gold):
             return True
-        a, g = answers.as_number(answer), answers.as_number(gold)
-        if a is not None and g is not None and abs(a - g) < 1e-9:
+        g = answers.as_number(gold)
+        numbers = answers._NUMBER.findall(answer)
+        if g is not None and numbers and _number_correct(numbers[-1], gold):
             return True
     return False
 
@@ -112,10 +119,9 @@ def score(example: Example, output: str) -> Scored:
         strict, flexible = _number(output)
         return Scored(strict, flexible, _number_correct(strict, example.gold), _number_correct(flexible, example.gold))
     if example.kind == "text":
-        extraction = answers.extract(output)
+        strict, flexible = _text(output)
         golds = (example.gold, *example.aliases)
-        return Scored(extraction.strict, extraction.flexible,
-                      _text_correct(extraction.strict, golds), _text_correct(extraction.flexible, golds))
+        return Scored(strict, flexible, _text_correct(strict, golds), _text_correct(flexible, golds))
     if example.kind == "procedural":
         extraction = answers.extract(output, example.options)
         grade = {"options": example.options, "generator": example.generator, "metadata": example.metadata,

