@@ -81,7 +81,11 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder
         for row in result["table"]:
             table.add_row(*(str(v) for v in row.values()))
     console.print(table)
-    console.print(f"{result['state']}: {result['generated']} benchmark result(s) generated, {result['reused']} reused")
+    if result["state"] == "Cached":
+        console.print("Cached: this checkpoint was already scored with these settings; nothing generated")
+    else:
+        console.print(f"{result['state']}: {result['generated']} benchmark result(s) generated, "
+                      f"{result['reused']} found in the store (same weights, same settings)")
     console.print(f"report: {result['artifact']}/report.md (and report.html)", highlight=False, soft_wrap=True)
 
 

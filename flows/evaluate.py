@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
+from orca_core.eval.steps import ordered_table
 from orca_core.recipe import load_recipe
 from orca_core.steps import checkpoint_eval_step
 from orca_core.store import ArtifactStore
@@ -33,5 +34,5 @@ def orca_evaluate(checkpoint: str, recipe: str = "tiny", overrides: list[str] | 
     publish_report(resolved.store.root, outcome.ref, key_prefix="orca-checkpoint-eval")
     logger.info("%s %s: report %s/report.md", step.name, outcome.state, outcome.ref.url)
     stats = ArtifactStore(resolved.store.root).manifest(outcome.ref)["stats"]
-    return {"state": outcome.state, "key": outcome.key, "artifact": outcome.ref.url, "table": stats["table"],
+    return {"state": outcome.state, "key": outcome.key, "artifact": outcome.ref.url, "table": ordered_table(stats),
             "generated": stats["generated"], "reused": stats["reused"]}

@@ -179,15 +179,18 @@ def build_orca2_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx
 
 
 # -- filters -----------------------------------------------------------------------------------
-def build_filtered(traces_step: str) -> Callable:
+def build_filtered(traces_step: str, benchmark_texts: Callable[[Recipe], list[str]] = lambda recipe: []) -> Callable:
+    """The filter step over `traces_step`; `benchmark_texts(recipe)`: eval items to decontaminate against."""
+
     def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
         sources = upstream["sources"]
         source_table = pa.concat_tables([pq.read_table(sources / TRAIN_FILE), pq.read_table(sources / HELDOUT_FILE)])
         heldout = pq.read_table(sources / HELDOUT_FILE)["inputs"].to_pylist()
         traces = pq.read_table(upstream[traces_step] / TRACES_FILE)
-        # Held-out prompts by equality (n-grams would flag the shared family templates); the evaluation
-        # benchmarks' texts join the n-gram check when evaluation lands.
-        filtered, stats = filter_traces(traces, recipe.filters, source_table, exact_texts=heldout)
+        # Held-out prompts by equality (n-grams would flag the shared family templates); the real
+        # evaluation benchmarks' items by n-gram overlap and equality.
+        filtered, stats = filter_traces(traces, recipe.filters, source_table,
+                                        contamination_texts=benchmark_texts(recipe), exact_texts=heldout)
         pq.write_table(filtered, out / TRACES_FILE, compression="zstd")
         return {"traces": filtered.num_rows, "kept": stats["kept"]}, stats
 

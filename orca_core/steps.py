@@ -93,12 +93,17 @@ TRACES_ORCA2 = Step(
                      "generic_system_message": r.prompts.generic_system_message,
                      "prompts_digest": generate.prompts_digest()},
 )
+def _filter_reads(recipe: Recipe) -> dict[str, Any]:
+    # The real eval benchmarks join the key only when there are some: procedural-only keys stay as they were.
+    return {"filters": recipe.filters.model_dump(mode="json"), **evaluation.contamination_reads(recipe)}
+
+
 FILTERED_ORCA1 = Step("filtered-orca1", version=1, upstream=("sources", "traces-orca1"),
-                      build=generate.build_filtered("traces-orca1"),
-                      reads=lambda r: {"filters": r.filters.model_dump(mode="json")})
+                      build=generate.build_filtered("traces-orca1", evaluation.contamination_texts),
+                      reads=_filter_reads, inputs=evaluation.contamination_inputs)
 FILTERED_ORCA2 = Step("filtered-orca2", version=1, upstream=("sources", "traces-orca2"),
-                      build=generate.build_filtered("traces-orca2"),
-                      reads=lambda r: {"filters": r.filters.model_dump(mode="json")})
+                      build=generate.build_filtered("traces-orca2", evaluation.contamination_texts),
+                      reads=_filter_reads, inputs=evaluation.contamination_inputs)
 
 DATA_STEPS = [SOURCES, STRATEGIES, TRACES_ORCA1, TRACES_ORCA2, FILTERED_ORCA1, FILTERED_ORCA2]
 STEPS: dict[str, Step] = {step.name: step for step in DATA_STEPS}  # the steps every recipe has

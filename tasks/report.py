@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from orca_core.eval.steps import ordered_table
 from orca_core.store import ArtifactRef, ArtifactStore
 
 
@@ -15,7 +16,7 @@ def publish_report(store_root: str, ref: ArtifactRef, key_prefix: str = "orca-ev
     """The table (flexible accuracy with 95 % CI per model x benchmark x system message), the report, a link to it."""
     store = ArtifactStore(store_root)
     folder = store.local_dir(ref)
-    table = store.manifest(ref)["stats"]["table"]
+    table = ordered_table(store.manifest(ref)["stats"])
     create_table_artifact(table, key=f"{key_prefix}-table", description="zero-shot accuracy (flexible), 95 % CI")
     report = (Path(folder) / "report.md").read_text()
     create_markdown_artifact(report, key=f"{key_prefix}-report", description=f"evaluation report ({ref.url})")

@@ -195,3 +195,32 @@ def test_exact_texts_match_by_equality_only():
     held = [template + "How many legs do 3 cats have?", template + "How many legs do 5 ants have?"]
     table, stats = filter_traces(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), cfg, pa.table({"id": ["x"]}), exact_texts=held)
     assert table["verdict"].to_pylist() == ["dropped:contaminated", "kept"]  # the shared template alone is not leakage
+
+
+def test_the_filter_steps_drop_traces_that_overlap_the_real_eval_benchmarks(smoke, tmp_path):
+    """With a real eval suite, the filter steps decontaminate against its items (and key on its files)."""
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from orca_core.eval.benchmarks import BenchmarkSpec
+    from orca_core.generate import StepContext
+    from orca_core.recipe.models import EvalConfig
+    from orca_core.steps import FILTERED_ORCA1, SOURCES, plan_key, run_step
+    from orca_core.store import ArtifactStore
+
+    gsm8k = Path(__file__).parent / "fixtures" / "benchmarks" / "gsm8k"
+    question = json.loads((gsm8k / "test.jsonl").read_text().splitlines()[0])["question"]
+    real = smoke.model_copy(update={"eval": EvalConfig(suite="custom", benchmarks=[BenchmarkSpec(name="gsm8k", path=str(gsm8k))])})
+    assert plan_key(FILTERED_ORCA1, real) != plan_key(FILTERED_ORCA1, smoke)
+    sources = run_step(ArtifactStore(smoke.store.root), SOURCES, smoke).ref.url
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    rows = [trace(f"Solve this: {question}", "So the answer is 18."), *unique(2)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRACE_SCHEMA), traces / "traces.parquet")
+    for recipe, expected in ((real, ["dropped:contaminated", "kept", "kept"]), (smoke, ["kept", "kept", "kept"])):
+        out = tmp_path / recipe.eval.suite
+        out.mkdir()
+        config = recipe.model_copy(update={"filters": recipe.filters.model_copy(update={"gold_check": False})})
+        FILTERED_ORCA1.build(config, {"sources": Path(sources), "traces-orca1": traces}, out, StepContext())
+        assert pq.read_table(out / "traces.parquet")["verdict"].to_pylist() == expected

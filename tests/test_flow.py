@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -31,7 +32,8 @@ def _task_run_states(name_prefix: str) -> list[str]:
 
 FAKE_KEY = "sk-fake-orca-0123456789abcdef"
 DAG = ["sources", "strategies", "traces-orca1", "traces-orca2", "filtered-orca1", "filtered-orca2", "tokenizer",
-       "base-model", "dataset-flan", "train-flan", "dataset-orca1", "train-orca1", "dataset-orca2", "train-orca2"]
+       "base-model", "dataset-flan", "train-flan", "dataset-orca1", "train-orca1", "dataset-orca2", "train-orca2",
+       "eval-base", "eval-flan", "eval-orca1", "eval-orca2", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +80,46 @@ def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(sto
     assert len(list((tmp_path / "store" / ".corrupt").iterdir())) == 1
     assert [o["state"] for o in orca_pipeline(recipe="smoke", overrides=overrides)] == ["Cached"] * n
     # Three trained stages, each a loadable HF folder.
-    for o in first[-5::2]:
-        assert o["step"].startswith("train-") and (Path(o["artifact"]) / "model.safetensors").is_file()
+    for o in first:
+        assert not o["step"].startswith("train-") or (Path(o["artifact"]) / "model.safetensors").is_file()
+
+
+def test_every_checkpoint_is_scored_and_the_report_is_written_and_published(store, monkeypatch):
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
+    outcomes = {o["step"]: o for o in orca_pipeline(recipe="smoke", overrides=[f"store.root={store}", *KEYED])}
+    for model in ("base", "flan", "orca1", "orca2"):  # 8 families x 5 held-out rows x 2 system messages
+        assert outcomes[f"eval-{model}"]["rows"] == {"examples": 80}
+        summary = pq.read_table(Path(outcomes[f"eval-{model}"]["artifact"]) / "summary.parquet").to_pandas()
+        macro = summary[summary.task == "(all)"]
+        assert sorted(macro.system_message) == ["cautious", "empty"] and set(macro.n) == {40}
+        assert ((macro.low_flexible <= macro.accuracy_flexible) & (macro.accuracy_flexible <= macro.high_flexible)).all()
+    report = Path(outcomes["report"]["artifact"])
+    for name in ("report.md", "report.html", "accuracy.png", "loss.png", "summary.csv"):
+        assert (report / name).stat().st_size > 0, name
+    text = (report / "report.md").read_text()
+    table = text[text.index("| model |"):].split("\n\n")[0].splitlines()
+    assert table[0] == "| model | procedural-heldout · empty | procedural-heldout · cautious |"
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| flan", "| orca1", "| orca2"]
+    # The same table and the report are Prefect artifacts (what the dashboard shows).
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_latest_artifacts()}
+    assert {"orca-eval-table", "orca-eval-report", "orca-eval-report-html"} <= set(artifacts)
+    rows = json.loads(artifacts["orca-eval-table"].data)
+    assert [r["model"] for r in rows] == ["base", "flan", "orca1", "orca2"]
+    assert "procedural-heldout · cautious" in rows[0]
 
 
 def test_a_changed_field_reruns_only_the_steps_that_read_it(store, monkeypatch):
     monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
     overrides = [f"store.root={store}", *KEYED]
     base = orca_pipeline(recipe="smoke", overrides=overrides)  # cached by the test above
-    longer = orca_pipeline(recipe="smoke", overrides=[*overrides, "curriculum.stages[2].epochs=2"])
-    unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "eval.limit=3", "train.checkpoint_every=7"])
-    # Only the last stage reads its epochs: everything before it is Cached.
-    assert [o["state"] for o in longer] == ["Cached"] * (len(DAG) - 1) + ["Completed"]
-    assert longer[-1]["rows"]["steps"] > base[-1]["rows"]["steps"]
+    longer = {o["step"]: o for o in orca_pipeline(recipe="smoke", overrides=[*overrides, "curriculum.stages[2].epochs=2"])}
+    unrelated = orca_pipeline(recipe="smoke", overrides=[*overrides, "eval.batch_size=7", "train.checkpoint_every=7"])
+    # Only the last stage reads its epochs: it, its evaluation and the report rerun; the rest is Cached.
+    rerun = {"train-orca2", "eval-orca2", "report"}
+    assert {name for name, o in longer.items() if o["state"] == "Completed"} == rerun
+    assert all(o["state"] == "Cached" for name, o in longer.items() if name not in rerun)
+    assert longer["train-orca2"]["rows"]["steps"] > {o["step"]: o for o in base}["train-orca2"]["rows"]["steps"]
     assert [o["state"] for o in unrelated] == ["Cached"] * len(DAG)
 
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from orca_core.curriculum import folder_hashes
 from orca_core.eval.backends import GenerationSettings
-from orca_core.eval.benchmarks import BenchmarkSpec, suite_specs
+from orca_core.eval.benchmarks import BenchmarkSpec, load_benchmark, suite_specs
 from orca_core.eval.evaluate import SUMMARY_FILE, checkpoint_digest, evaluate_checkpoint, plan_jobs, write_results
 from orca_core.eval.report import table_rows, write_report
 from orca_core.generate import StepContext
@@ -30,7 +30,6 @@ from orca_core.sources import HELDOUT_FILE
 from orca_core.store import ArtifactStore
 
 EVAL_WORK = ".eval-work"
-REPORT_FILES = ("report.md", "report.html", "accuracy.png", "loss.png", "summary.csv")
 
 
 def models(recipe: Recipe) -> dict[str, str]:
@@ -52,6 +51,29 @@ def settings(recipe: Recipe) -> GenerationSettings:
                               tensor_parallel_size=cfg.tensor_parallel_size, batch_size=cfg.batch_size)
 
 
+# -- decontamination: the filter steps read the eval benchmarks ---------------------------
+def contamination_specs(recipe: Recipe) -> list[BenchmarkSpec]:
+    """The recipe's real eval benchmarks, whole (the held-out split is checked by equality already)."""
+    if recipe.filters.contamination_ngram is None:
+        return []
+    return [spec.model_copy(update={"limit": None, "tasks": None}) for spec in benchmark_specs(recipe)
+            if spec.name != "procedural-heldout"]
+
+
+def contamination_reads(recipe: Recipe) -> dict[str, Any]:
+    specs = contamination_specs(recipe)
+    return {"decontaminate_against": [_spec_fields(s) for s in specs]} if specs else {}
+
+
+def contamination_inputs(recipe: Recipe) -> dict[str, Any]:
+    return _file_hashes(contamination_specs(recipe), recipe)
+
+
+def contamination_texts(recipe: Recipe) -> list[str]:
+    """Every prompt of the real eval benchmarks: training traces that overlap them are dropped."""
+    return [example.prompt for spec in contamination_specs(recipe) for example in load_benchmark(spec)]
+
+
 def eval_upstream(model_step: str | None):
     """The checkpoint's step (None: a folder from outside the DAG), and `sources` for the held-out split."""
     def upstream(recipe: Recipe) -> tuple[str, ...]:
@@ -60,22 +82,23 @@ def eval_upstream(model_step: str | None):
     return upstream
 
 
+def _spec_fields(spec: BenchmarkSpec) -> dict[str, Any]:
+    fields = spec.model_dump(mode="json")
+    if fields.get("path"):
+        fields["path"] = "<local data>"  # its files' hashes are the input
+    return fields
+
+
 def eval_reads(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.eval.model_dump(mode="json", exclude={"data_dir", "models", "batch_size"})
-    specs = []
-    for spec in benchmark_specs(recipe):
-        fields = spec.model_dump(mode="json")
-        if fields.get("path"):
-            fields["path"] = "<local data>"  # its files' hashes are the input
-        specs.append(fields)
-    cfg["benchmarks"] = specs
+    cfg["benchmarks"] = [_spec_fields(spec) for spec in benchmark_specs(recipe)]
     return {"eval": cfg, "seed": recipe.seed}
 
 
-def eval_inputs(recipe: Recipe) -> dict[str, Any]:
+def _file_hashes(specs: list[BenchmarkSpec], recipe: Recipe) -> dict[str, Any]:
     """Content hashes of local benchmark files (never their paths)."""
     hashes = {}
-    for spec in benchmark_specs(recipe):
+    for spec in specs:
         if spec.path:
             path = Path(spec.path).expanduser()
             if path.is_file():
@@ -86,6 +109,10 @@ def eval_inputs(recipe: Recipe) -> dict[str, Any]:
                 raise FileNotFoundError(f"eval benchmark {spec.name}: {path} does not exist"
                                         + (" (run `make bench-data`)" if recipe.eval.suite == "real-offline" else ""))
     return {"benchmark_files": hashes} if hashes else {}
+
+
+def eval_inputs(recipe: Recipe) -> dict[str, Any]:
+    return _file_hashes(benchmark_specs(recipe), recipe)
 
 
 def _checkpoint_digest(folder: Path) -> str:
@@ -116,6 +143,17 @@ def build_eval_for(model_step: str):
 
 
 # -- report ---------------------------------------------------------------------------
+def headline_table(summary: pd.DataFrame, names: list[str]) -> dict[str, Any]:
+    """The paper-style table for manifests: rows, plus the column order (manifest JSON sorts keys)."""
+    rows = table_rows(summary, names)
+    return {"table": rows, "table_columns": list(rows[0]) if rows else []}
+
+
+def ordered_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
+    """A manifest's headline table with its columns back in report order."""
+    columns = stats.get("table_columns") or []
+    return [{c: row.get(c, "–") for c in columns} or row for row in stats.get("table", [])]
+
 def report_upstream(recipe: Recipe) -> tuple[str, ...]:
     names = models(recipe)
     return tuple(f"eval-{name}" for name in names) + tuple(s for s in names.values() if s.startswith("train-"))
@@ -135,7 +173,7 @@ def build_report(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: Step
                  notes={"suite": recipe.eval.suite, "backend": recipe.eval.backend,
                         "max_new_tokens": recipe.eval.max_new_tokens})
     summary.to_parquet(out / SUMMARY_FILE, index=False)
-    return {"rows": len(summary)}, {"table": table_rows(summary, names)}
+    return {"rows": len(summary)}, headline_table(summary, names)
 
 
 # -- one checkpoint folder from anywhere (nightly evals, `orca eval`) ---------------------
@@ -162,5 +200,5 @@ def build_checkpoint_eval(checkpoint: Path, name: str, digest: str):
                      title=f"{name}: zero-shot evaluation ({recipe.eval.suite})",
                      notes={"checkpoint": str(checkpoint), "content digest": digest[:16], "suite": recipe.eval.suite,
                             "backend": recipe.eval.backend, "max_new_tokens": recipe.eval.max_new_tokens})
-        return rows, {**stats, "name": name, "table": table_rows(summary, [name])}
+        return rows, {**stats, "name": name, **headline_table(summary, [name])}
     return build
