@@ -45,6 +45,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")  # becomes a file name
 JOB_MARK = "ORCA_EVAL_JOB "  # a finished-job line in the child's log (progress only; data is in the files)
 LOAD_MARK = "ORCA_EVAL_LOADED "
+CHUNK_MARK = "ORCA_EVAL_CHUNK "
+CHUNK_PROMPTS = 256  # prompts per engine call: progress granularity (vLLM batches up to 256 sequences anyway)
 FILE_FORMAT = 1
 
 
@@ -207,12 +209,20 @@ class JobDone:
 
 
 def run_jobs(engine: Engine, jobs: dict[str, list[list[int]]], out_dir: Path, fingerprints: dict[str, str],
-             on_done: Callable[[JobDone], None]) -> None:
-    """Generate each job not written yet and write its file as soon as it is done."""
+             on_done: Callable[[JobDone], None], on_chunk: Progress | None = None) -> None:
+    """Generate each job not written yet and write its file as soon as it is done.
+
+    Prompts go to the engine CHUNK_PROMPTS at a time, so a long job (MMLU: 14K prompts) reports
+    progress (`on_chunk(job, prompts done, prompts in job)`) as it goes.
+    """
     todo = [name for name in jobs if read_job(out_dir, name, fingerprints[name]) is None]
     for done, name in enumerate(todo, 1):
         started = time.perf_counter()
-        generations = engine.generate(jobs[name])
+        prompts, generations = jobs[name], []
+        for start in range(0, len(prompts), CHUNK_PROMPTS):
+            generations += engine.generate(prompts[start:start + CHUNK_PROMPTS])
+            if on_chunk is not None and len(generations) < len(prompts):
+                on_chunk(name, len(generations), len(prompts))
         write_job(out_dir, name, fingerprints[name], generations)
         on_done(JobDone(name, done, len(todo), len(generations), sum(len(g.token_ids) for g in generations),
                         time.perf_counter() - started))
@@ -225,8 +235,9 @@ def generate_jobs(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: P
                   progress: Progress | None = None, stats: dict[str, Any] | None = None) -> dict[str, list[Generation]]:
     """Greedy generations of every job's prompts, in prompt order, loading the model once for all jobs.
 
-    Jobs whose file is in `out_dir` are read back, not generated. `progress(job, done, total)` is called as
-    each generated job is written (done / total count the jobs generated in this call). `stats`, when
+    Jobs whose file is in `out_dir` are read back, not generated. `progress(job, done, total)` is called
+    with the prompts done out of the job's prompts as generation goes, the last time (done == total) once
+    the job's file is written; jobs read back are not reported. `stats`, when
     given, receives load_s, generate_s, tokens, prompts and per-job figures of what was generated here.
     """
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -255,15 +266,19 @@ def generate_jobs(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: P
             log.info("generated %s (%d/%d): %d prompts, %d tokens, %.1f s", info.job, info.done, info.total,
                      info.prompts, info.tokens, info.seconds)
             if progress is not None:
-                progress(info.job, info.done, info.total)
+                progress(info.job, info.prompts, info.prompts)
+
+        def on_chunk(job: str, done: int, total: int) -> None:
+            if progress is not None:
+                progress(job, done, total)
 
         if settings.backend == "vllm":
-            figures["load_s"] = _run_vllm(checkpoint, todo, out_dir, settings, fingerprints, context, on_done)
+            figures["load_s"] = _run_vllm(checkpoint, todo, out_dir, settings, fingerprints, context, on_done, on_chunk)
         else:
             started = time.perf_counter()
             engine = HfEngine(checkpoint, settings, context)
             figures["load_s"] = time.perf_counter() - started
-            run_jobs(engine, todo, out_dir, fingerprints, on_done)
+            run_jobs(engine, todo, out_dir, fingerprints, on_done, on_chunk)
         for name in todo:
             results[name] = read_job(out_dir, name, fingerprints[name])
             if results[name] is None:
@@ -368,7 +383,8 @@ def vllm_env(base: dict[str, str], cache_root: Path) -> dict[str, str]:
 
 
 def _run_vllm(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: Path, settings: GenerationSettings,
-              fingerprints: dict[str, str], context: int, on_done: Callable[[JobDone], None]) -> float:
+              fingerprints: dict[str, str], context: int, on_done: Callable[[JobDone], None],
+              on_chunk: Progress) -> float:
     """Run the child on the jobs; returns its engine load seconds. Raises with the child's last lines on failure."""
     with tempfile.TemporaryDirectory(prefix="orca-vllm-") as scratch:
         request = Path(scratch) / "request.json"
@@ -387,6 +403,9 @@ def _run_vllm(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: Path,
                 line = line.rstrip("\n")
                 if line.startswith(JOB_MARK):
                     on_done(JobDone(**json.loads(line[len(JOB_MARK):])))
+                elif line.startswith(CHUNK_MARK):
+                    chunk = json.loads(line[len(CHUNK_MARK):])
+                    on_chunk(chunk["job"], chunk["done"], chunk["total"])
                 elif line.startswith(LOAD_MARK):
                     load_s = json.loads(line[len(LOAD_MARK):])["seconds"]
                     log.info("vLLM loaded %s in %.1f s", checkpoint, load_s)

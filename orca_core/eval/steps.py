@@ -12,6 +12,7 @@ with new bytes is re-scored and a nightly eval of the same weights is not.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,21 @@ def eval_inputs(recipe: Recipe) -> dict[str, Any]:
     return _file_hashes(benchmark_specs(recipe), recipe)
 
 
+def progress_reporter(ctx: StepContext, label: str):
+    """(job, prompts done, prompts in job) -> a progress line with rate and ETA on the step's sink."""
+    clock = {"since": time.monotonic()}  # a job's clock starts when the last one ended (or at the start)
+
+    def progress(job: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        rate = done / max(now - clock["since"], 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        ctx.sink(done, total, f"{label} {job}: {done}/{total} prompts, {rate:.1f} prompts/s, ETA {eta:.0f} s")
+        if done >= total:
+            clock["since"] = now
+
+    return progress
+
+
 def _checkpoint_digest(folder: Path) -> str:
     manifest = folder / "manifest.json"  # a store artifact: its files were verified against it on lookup
     return checkpoint_digest(folder, json.loads(manifest.read_text()) if manifest.exists() else None)
@@ -131,9 +147,7 @@ def build_eval_for(model_step: str):
         if sources is not None and not (sources / HELDOUT_FILE).exists():
             raise FileNotFoundError(f"{sources}: no {HELDOUT_FILE}")
 
-        def progress(job: str, done: int, total: int) -> None:
-            ctx.sink(done, total, f"{model_step} {job}: {done}/{total} generated")
-
+        progress = progress_reporter(ctx, model_step)
         work = ctx.work_dir or Path(store.url(EVAL_WORK)) / model_step
         results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
                                       bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
@@ -185,9 +199,7 @@ def build_checkpoint_eval(checkpoint: Path, name: str, digest: str):
         jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages),
                          sources_dir=upstream.get("sources"), limit=recipe.eval.limit)
 
-        def progress(job: str, done: int, total: int) -> None:
-            ctx.sink(done, total, f"{name} {job}: {done}/{total} generated")
-
+        progress = progress_reporter(ctx, name)
         work = ctx.work_dir or Path(store.url(EVAL_WORK)) / f"checkpoint-{digest[:16]}"
         results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
                                       bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,

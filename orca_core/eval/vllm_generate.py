@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from orca_core.eval.backends import (
+    CHUNK_MARK,
     JOB_MARK,
     LOAD_MARK,
     Generation,
@@ -77,7 +78,8 @@ def main(argv: list[str]) -> int:
     engine = VllmEngine(checkpoint, settings, int(request["context"]))
     announce(LOAD_MARK, {"seconds": round(time.perf_counter() - started, 3)})
     run_jobs(engine, request["jobs"], out_dir, request["fingerprints"],
-             lambda info: announce(JOB_MARK, {**asdict(info), "seconds": round(info.seconds, 3)}))
+             lambda info: announce(JOB_MARK, {**asdict(info), "seconds": round(info.seconds, 3)}),
+             lambda job, done, total: announce(CHUNK_MARK, {"job": job, "done": done, "total": total}))
     return 0
 
 
