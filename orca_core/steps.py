@@ -231,12 +231,20 @@ def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, 
     ctx = ctx or StepContext()
     comps = comps or components(step, recipe)
     key = step_key(comps)
-    ref = verified(store, step, comps)
-    if ref is not None and force:
-        store.supersede(step.name, key)
-        ref = None
-    if ref is not None:
+    if not force and (ref := verified(store, step, comps)) is not None:
         return StepResult(ref, True, time.perf_counter() - started, store.manifest(ref)["rows"])
+    with store.lock(step.name, key):  # one builder per artifact, however many runs want it
+        ref = verified(store, step, comps)  # built by another run while this one waited?
+        if ref is not None and force:
+            store.supersede(step.name, key)
+            ref = None
+        if ref is not None:
+            return StepResult(ref, True, time.perf_counter() - started, store.manifest(ref)["rows"])
+        return _build(store, step, recipe, comps, ctx, key, started)
+
+
+def _build(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, Any], ctx: StepContext, key: str,
+           started: float) -> StepResult:
     upstream_dirs = {}
     for name, upstream_key in comps["upstream"].items():
         upstream_ref = store.lookup(name, upstream_key)

@@ -12,6 +12,10 @@ stores, which have no rename, the files go up first and the manifest last.
 A cache hit needs the manifest to verify against the files; a corrupt or
 partial artifact is moved aside (local) or deleted (remote), logged, and
 rebuilt.
+
+Two runs that need the same artifact at once (two flows on one store) take
+turns through a per-artifact lock (`lock`): the second waits, then finds the
+first one's artifact instead of building (and paying for) it again.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
 from orca_core.keys import canonical_json, file_sha256
@@ -65,6 +70,31 @@ class ArtifactStore:
         self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
         self.protocol = "" if self.is_local else (self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
         self.verify = verify
+
+    # -- concurrency -------------------------------------------------------------
+    @contextmanager
+    def lock(self, step: str, key: str) -> Iterator[None]:
+        """Hold the build of `<step>/<key>`; another process wanting it waits here.
+
+        Local (and NFS/Lustre-mounted) roots use a lock file under `<root>/.locks/`; object stores
+        have no locks, and there two concurrent builders both publish the same content (the last
+        manifest wins), which is safe but may do the work twice.
+        """
+        if not self.is_local:
+            yield
+            return
+        folder = Path(self.root, ".locks")
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f"{step}-{key}.lock"))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            log.info("%s/%s is being built by another run; waiting for it", step, key[:12])
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     # -- addresses ---------------------------------------------------------------
     def url(self, *parts: str) -> str:

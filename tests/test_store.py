@@ -148,3 +148,41 @@ def test_run_step_rebuilds_a_corrupt_sources_artifact(smoke):
     manifest.write_text(json.dumps(data))
     again = run_step(store, SOURCES, smoke)
     assert not again.cached and again.ref == first.ref and store.lookup("sources", first.ref.key) == first.ref
+
+
+CONCURRENT_BUILD = """
+import sys, time
+from pathlib import Path
+from orca_core.recipe import load_recipe
+from orca_core.steps import Step, run_step
+from orca_core.store import ArtifactStore
+
+root, counter = sys.argv[1], Path(sys.argv[2])
+
+def build(recipe, upstream, out, ctx):
+    with counter.open("a") as f:
+        f.write("built\\n")
+    time.sleep(2)  # long enough for the other run to arrive while this one builds
+    (out / "data.txt").write_text("the same content")
+    return {"rows": 1}, {}
+
+step = Step("slow", version=1, reads=lambda r: {"seed": r.seed}, build=build)
+result = run_step(ArtifactStore(root), step, load_recipe("smoke", [f"store.root={root}"]))
+print("CACHED" if result.cached else "BUILT", result.ref.key)
+"""
+
+
+def test_two_runs_wanting_one_artifact_build_it_once(tmp_path, python):
+    """Concurrent runs on one store: the second waits on the artifact's lock and finds it built."""
+
+    root, counter = tmp_path / "store", tmp_path / "builds.txt"
+    runs = [subprocess.Popen([python, "-c", CONCURRENT_BUILD, str(root), str(counter)], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outputs = [run.communicate(timeout=120)[0].split() for run in runs]
+    assert all(run.returncode == 0 for run in runs)
+    assert sorted(o[0] for o in outputs) == ["BUILT", "CACHED"] and outputs[0][1] == outputs[1][1]
+    assert counter.read_text() == "built\n"  # built once, not twice
+    store = ArtifactStore(str(root))
+    assert store.keys("slow") == [outputs[0][1]] and store.check("slow", outputs[0][1]) == "ok"
+    assert not (root / ".corrupt").exists() and not (root / ".superseded").exists()
+    assert not any((root / ".staging").iterdir())
