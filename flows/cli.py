@@ -5,6 +5,7 @@
     orca eval CHECKPOINT --set eval.suite=real-offline  score a checkpoint folder, write a report
     orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
     orca store ls --recipe tiny                     the artifacts in the store
+    orca lineage runs/report/<key>                  what an artifact was built from, down to the sources
     orca teacher serve --recipe tiny --port 8000    the oracle teacher, OpenAI-compatible
 """
 
@@ -46,23 +47,47 @@ def _load(recipe: str, overrides: list[str] | None):
 
 @app.command()
 def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
-        retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-send teacher requests that ended as failure rows.")) -> None:
-    """Run the pipeline flow on a recipe and print what ran, what was Cached, and where the outputs are."""
+        retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-send teacher requests that ended as failure rows."),
+        only: str = typer.Option(None, "--only", help="Run one part: generate, train or evaluate.")) -> None:
+    """Run the pipeline flow on a recipe; print what ran, what was Cached and why, the scores and the report."""
     resolved = _load(recipe, set_)  # fail on a bad recipe before Prefect starts
-    from flows.pipeline import orca_pipeline
+    from flows import pipeline
 
-    outcomes = orca_pipeline(recipe=recipe, overrides=set_ or [], retry_failed=retry_failed)
+    flows = {None: pipeline.orca_pipeline, "generate": pipeline.orca_generate, "train": pipeline.orca_train,
+             "evaluate": pipeline.orca_evaluate}
+    if only not in flows:
+        console.print(f"[red]error:[/red] --only {only!r}: choose generate, train or evaluate")
+        raise typer.Exit(2)
+    kwargs = {"retry_failed": retry_failed} if only in (None, "generate") else {}
+    outcomes = flows[only](recipe=recipe, overrides=set_ or [], **kwargs)
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
-    for column in ("step", "state", "key", "rows", "seconds"):
+    for column in ("step", "state", "why", "key", "rows", "seconds"):
         table.add_column(column)
     for o in outcomes:
         state = f"[green]{o['state']}[/green]" if o["state"] == "Cached" else o["state"]
         rows = ", ".join(f"{k}={v}" for k, v in o["rows"].items())
-        table.add_row(o["step"], state, o["key"][:12], rows, f"{o['seconds']:.1f}")
+        table.add_row(o["step"], state, o["why"], o["key"][:12], rows, f"{o['seconds']:.1f}")
     console.print(table)
-    console.print("outputs:")
-    for o in outcomes:
-        console.print(f"  {o['step']:<10} {o['artifact']}", highlight=False, soft_wrap=True)
+    cached = sum(o["state"] == "Cached" for o in outcomes)
+    console.print(f"{cached} of {len(outcomes)} steps Cached, {len(outcomes) - cached} ran, "
+                  f"{sum(o['seconds'] for o in outcomes):.0f} s in steps; artifacts in {resolved.store.root}")
+    report = next((o for o in outcomes if o["step"] == "report"), None)
+    if report is not None:
+        from orca_core.eval.steps import ordered_table
+
+        stats = ArtifactStore(resolved.store.root).read_json("report", report["key"], "manifest.json")["stats"]
+        _print_table(ordered_table(stats), "zero-shot accuracy, flexible extraction [95% CI]")
+        console.print(f"report: {report['artifact']}/report.md (and report.html, accuracy.png, loss.png)",
+                      highlight=False, soft_wrap=True)
+
+
+def _print_table(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for column in rows[0] if rows else []:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
 
 
 @app.command("eval")
@@ -71,16 +96,10 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder
              name: str = typer.Option(None, help="The model's name in the report (default: the folder's name).")) -> None:
     """Score CHECKPOINT zero-shot on the recipe's eval suite (cached by content, resumed per benchmark)."""
     resolved = _load(recipe, set_)
-    from flows.evaluate import orca_evaluate
+    from flows.evaluate import orca_evaluate_checkpoint
 
-    result = orca_evaluate(checkpoint=checkpoint, recipe=recipe, overrides=set_ or [], name=name)
-    table = Table(title=f"{name or checkpoint}: zero-shot accuracy, flexible (strict) [95% CI], {resolved.eval.suite}")
-    if result["table"]:
-        for column in result["table"][0]:
-            table.add_column(column, overflow="fold")
-        for row in result["table"]:
-            table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    result = orca_evaluate_checkpoint(checkpoint=checkpoint, recipe=recipe, overrides=set_ or [], name=name)
+    _print_table(result["table"], f"{name or checkpoint}: zero-shot accuracy, flexible [95% CI], {resolved.eval.suite}")
     if result["state"] == "Cached":
         console.print("Cached: this checkpoint was already scored with these settings; nothing generated")
     else:
@@ -107,6 +126,32 @@ def explain_cmd(step: str, recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> N
         raise typer.Exit(2)
     store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
     console.print(explain(store, known[step], resolved).render(), highlight=False, markup=False)
+
+
+@app.command("lineage")
+def lineage_cmd(artifact: Annotated[str, typer.Argument(help="An artifact folder, STEP/KEY, or a key prefix (8+ hex digits).")],
+                recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+                store_root: str = typer.Option(None, "--store", help="The store (default: the recipe's, or the folder's).")) -> None:
+    """Print the chain report -> eval -> checkpoint -> datasets -> traces -> sources behind an artifact."""
+    from pathlib import Path
+
+    from orca_core.lineage import find, lineage, render
+
+    folder = Path(artifact).expanduser()
+    if store_root is None and folder.is_dir() and (folder / "key.json").is_file():
+        store_root = str(folder.resolve().parents[1])
+    store = ArtifactStore(store_root or _load(recipe, set_).store.root)
+    try:
+        step, key = find(store, artifact)
+        node = lineage(store, step, key)
+    except (ValueError, LookupError) as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for line in render(node):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+    recipe_file = node.provenance.get("recipe_file")
+    if recipe_file:
+        console.print(f"rebuild: orca run --recipe {recipe_file} --set store.root={store.url()}", highlight=False, soft_wrap=True)
 
 
 @store_app.command("ls")

@@ -22,8 +22,8 @@ from tasks.report import publish_report
 from tasks.step import call_step, prefect_step
 
 
-@flow(name="orca-evaluate")
-def orca_evaluate(checkpoint: str, recipe: str = "tiny", overrides: list[str] | None = None,
+@flow(name="orca-evaluate-checkpoint")
+def orca_evaluate_checkpoint(checkpoint: str, recipe: str = "tiny", overrides: list[str] | None = None,
                   name: str | None = None) -> dict:
     """Evaluate CHECKPOINT zero-shot on the recipe's suite; returns the headline table and the report's folder."""
     logger = get_run_logger()

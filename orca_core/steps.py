@@ -24,6 +24,7 @@ from orca_core import curriculum, generate
 from orca_core.eval import steps as evaluation
 from orca_core.generate import StepContext
 from orca_core.keys import canonical_json, diff_components, file_sha256, key_components, sha256_text, step_key
+from orca_core.provenance import provenance
 from orca_core.recipe.models import Recipe
 from orca_core.sources import build_sources
 from orca_core.sources import flan as flan_source
@@ -259,6 +260,7 @@ def _build(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, An
         rows, stats = step.build(recipe, upstream_dirs, staged, ctx)
         if built_from:
             stats = {**stats, "built_from": built_from}
+        stats = {**stats, "provenance": provenance(store, recipe)}
         ref = store.publish(step.name, key, comps, staged, rows=rows, stats=stats)
     if ctx.work_dir is not None:  # published: the resume state is no longer needed
         shutil.rmtree(ctx.work_dir, ignore_errors=True)

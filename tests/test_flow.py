@@ -154,3 +154,30 @@ def test_failing_step_retries_with_backoff_then_succeeds(tmp_path):
     # Exponential backoff from the recipe: 0.5 s, then 1.0 s.
     delays = [(s.state_details.scheduled_time - s.timestamp).total_seconds() for s in history if s.name == "AwaitingRetry"]
     assert delays == pytest.approx([0.5, 1.0], abs=0.05)
+
+
+def test_lineage_walks_from_the_report_to_the_sources_and_names_the_recipe_that_rebuilds_it(store, monkeypatch):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from orca_core.steps import plan_key, steps_for
+
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
+    outcomes = {o["step"]: o for o in orca_pipeline(recipe="smoke", overrides=[f"store.root={store}", *KEYED])}
+    shown = CliRunner().invoke(app, ["lineage", outcomes["report"]["artifact"]])
+    assert shown.exit_code == 0, shown.output
+    text = shown.output
+    for step in ("report", "eval-orca2", "train-orca2", "train-orca1", "train-flan", "base-model", "dataset-orca2",
+                 "filtered-orca2", "traces-orca2", "traces-orca1", "strategies", "tokenizer", "sources"):
+        assert f"{step}/{outcomes[step]['key'][:12]}" in text, step
+    assert "strong teacher: oracle:oracle-strong" in text and "assistant teacher: oracle:oracle-assistant" in text
+    assert "prompt set: " in text and "recipe: smoke " in text and "code: " in text
+    # The saved recipe plans the very same keys: key.json + that recipe rebuild any artifact of the run.
+    recipe_file = text.split("rebuild: orca run --recipe ")[1].split()[0]
+    saved = load_recipe(recipe_file)
+    assert all(plan_key(step, saved) == outcomes[name]["key"] for name, step in steps_for(saved).items())
+    # By key prefix too; a bad reference is a clear error.
+    by_key = CliRunner().invoke(app, ["lineage", outcomes["train-flan"]["key"][:10], "--store", str(store)])
+    assert by_key.exit_code == 0 and by_key.output.startswith(f"train-flan/{outcomes['train-flan']['key'][:12]}")
+    bad = CliRunner().invoke(app, ["lineage", "zz", "--store", str(store)])
+    assert bad.exit_code == 2 and "key prefix of at least 8 hex digits" in bad.output
