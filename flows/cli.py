@@ -108,6 +108,32 @@ def eval_cmd(checkpoint: Annotated[str, typer.Argument(help="A checkpoint folder
     console.print(f"report: {result['artifact']}/report.md (and report.html)", highlight=False, soft_wrap=True)
 
 
+@app.command("serve")
+def serve_cmd(port: int = typer.Option(4200, help="Port of the Prefect server (on 127.0.0.1)."),
+              recipe: RecipeOpt = "tiny",
+              server: bool = typer.Option(True, "--server/--no-server", help="Start a Prefect server (SQLite), or use PREFECT_API_URL's."),
+              home: str = typer.Option(".prefect-server", help="The started server's PREFECT_HOME (database, logs).")) -> None:
+    """Start a Prefect server and serve the deployments: pipeline, its parts, one-checkpoint eval, nightly eval."""
+    from pathlib import Path
+
+    from flows.serve import main
+
+    _load(recipe, None)
+    main(port=port, recipe=recipe, start=server, home=Path(home).resolve())
+
+
+@app.command("nightly")
+def nightly_cmd(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+                checkpoint: Annotated[list[str] | None, typer.Option("--checkpoint", help="name=FOLDER (repeatable); default: the newest of each stage in the store.")] = None) -> None:
+    """Run the nightly evaluation now (what the nightly-eval deployment runs at 02:00 UTC)."""
+    _load(recipe, set_)
+    from flows.nightly import nightly_eval
+
+    state = nightly_eval(recipe=recipe, overrides=set_ or [], checkpoints=checkpoint, return_state=True)
+    console.print(f"nightly-eval: {state.name}" + (f": {state.message}" if state.message else ""), highlight=False)
+    raise typer.Exit(0 if state.is_completed() else 1)
+
+
 @recipe_app.command("show")
 def recipe_show(name: str, set_: SetOpt = None) -> None:
     """Print the resolved recipe (parents merged, overrides applied, defaults filled)."""

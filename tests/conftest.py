@@ -24,6 +24,12 @@ def smoke(tmp_path: Path):
     return load_recipe("smoke", [f"store.root={tmp_path / 'store'}"])
 
 
+@pytest.fixture(scope="session")
+def smoke_store(tmp_path_factory) -> Path:
+    """One store for the smoke DAG, shared by the flow tests and the dashboard test (built once)."""
+    return tmp_path_factory.mktemp("smoke-dag") / "store"
+
+
 @pytest.fixture
 def python() -> str:
     return sys.executable

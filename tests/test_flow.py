@@ -37,8 +37,8 @@ DAG = ["sources", "strategies", "traces-orca1", "traces-orca2", "filtered-orca1"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("flow") / "store"
+def store(smoke_store) -> Path:
+    return smoke_store
 
 
 KEYED = ["teachers.assistant.api_key_env=ORCA_FAKE_TEACHER_KEY", "teachers.strong.api_key_env=ORCA_FAKE_TEACHER_KEY"]
