@@ -416,6 +416,21 @@ def test_dockerfile_builds_the_project_as_a_non_root_user():
     assert secrets_in(DOCKERFILE.read_text()) == []
 
 
+def test_prefect_deployments_find_the_code_in_the_image(compose):
+    """prefect.yaml's pull step changes into the code folder: in the image that is WORKDIR /app."""
+    prefect_yaml = INFRA / "prefect/prefect.yaml"
+    if not prefect_yaml.is_file():
+        pytest.skip("no infra/prefect/prefect.yaml")
+    steps = yaml.safe_load(prefect_yaml.read_text())["pull"]
+    directory = next(s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps
+                     if "prefect.deployments.steps.set_working_directory" in s)
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for w, a in dockerfile_instructions() if w == "ENV")))
+    if (m := re.fullmatch(r"\{\{\s*\$(\w+)\s*\}\}", directory)):
+        directory = env.get(m.group(1))
+    assert directory == "/app" and ("WORKDIR", "/app") in dockerfile_instructions(), directory
+    assert compose["services"]["prefect-worker"]["working_dir"] == "/app"
+
+
 def test_dockerfile_copies_every_top_level_package_dir():
     copied = set()
     for word, args in dockerfile_instructions():
