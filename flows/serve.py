@@ -25,6 +25,7 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.evaluate import orca_evaluate_checkpoint
 from flows.nightly import nightly_eval
@@ -80,9 +81,10 @@ def main(port: int = 4200, recipe: str = "tiny", start: bool = True, home: Path 
     server = start_server(port, home or Path(".prefect-server").resolve()) if start else None
     try:
         wait_healthy(api_url, server=server)
-        os.environ["PREFECT_API_URL"] = api_url  # this process and the flow runs it starts use the server
-        print(f"Prefect UI: {api_url.removesuffix('/api')}  (deployments below; Ctrl-C stops)", flush=True)
-        serve(*deployments(recipe))
+        os.environ["PREFECT_API_URL"] = api_url  # the flow runs this process starts use the server...
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):  # ...and so does this one (settings load at import)
+            print(f"Prefect UI: {api_url.removesuffix('/api')}  (deployments below; Ctrl-C stops)", flush=True)
+            serve(*deployments(recipe))
     finally:
         if server is not None:
             server.terminate()

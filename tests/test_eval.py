@@ -151,7 +151,7 @@ def test_orca_eval_runs_the_real_offline_suite_on_one_checkpoint_with_vllm(tiny_
     store = tmp_path / "store"
     orca = [str(Path(sys.executable).with_name("orca")), "eval", str(tiny_checkpoint), "--recipe", "smoke",
             "--set", f"store.root={store}", "--set", "eval.suite=real-offline", "--set", f"eval.data_dir={data}",
-            "--set", "eval.limit=1", "--set", "eval.max_new_tokens=16"]
+            "--set", "eval.limit=1", "--set", "eval.max_new_tokens=16", "--set", "eval.backend=vllm"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     first = subprocess.run([*orca, "--name", "tiny"], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
