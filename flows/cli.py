@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Annotated
 
 import typer
@@ -31,7 +32,7 @@ teacher_app = typer.Typer(no_args_is_help=True, help="The built-in oracle teache
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(store_app, name="store")
 app.add_typer(teacher_app, name="teacher")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)  # logs and CI: wide enough for the tables
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe name in configs/ or a YAML path.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a field: train.lr=1e-4 (repeatable).")]
