@@ -20,14 +20,13 @@ the procedural held-out questions of runs/sources/*/heldout.parquet when a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import glob
-import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from json_output import print_json  # bench/json_output.py: the script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,11 +58,7 @@ def tiny_checkpoint(folder: Path, texts: list[str]) -> tuple[Path, dict]:
 
 
 def main() -> None:
-    # vLLM, DeepSpeed and transformers print notices on stdout: keep stdout for the JSON alone.
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        result = measure()
-    print(json.dumps(result, indent=2), file=real_stdout)
+    print_json(measure)
 
 
 def measure() -> dict:

@@ -13,9 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import sys
 import os
 import random
 import tempfile
@@ -33,6 +30,8 @@ from orca_core.sources.procedural import generate_suite
 from orca_core.teacher.oracle_solver import OracleBook, respond
 from orca_core.tokenizer import train_bpe
 from orca_core.train import TrainJob, collate, fit, shifted_targets, token_losses
+
+from json_output import print_json  # bench/json_output.py: the script's folder is on sys.path
 
 ARCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384,
         "max_position_embeddings": 1024}
@@ -82,11 +81,7 @@ def padded_batches(encoded: list[dict], micro: int, pad_id: int) -> list[dict]:
 
 
 def main() -> None:
-    # DeepSpeed and transformers print notices on stdout: keep stdout for the JSON alone.
-    real_stdout = sys.stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        result = measure()
-    print(json.dumps(result, indent=2), file=real_stdout)
+    print_json(measure)
 
 
 def measure() -> dict:
