@@ -27,7 +27,6 @@ from orca_core.eval.report import table_rows, write_report
 from orca_core.generate import StepContext
 from orca_core.keys import file_sha256
 from orca_core.recipe.models import Recipe
-from orca_core.sources import HELDOUT_FILE
 from orca_core.store import ArtifactStore
 
 EVAL_WORK = ".eval-work"
@@ -136,23 +135,24 @@ def _checkpoint_digest(folder: Path) -> str:
     return checkpoint_digest(folder, json.loads(manifest.read_text()) if manifest.exists() else None)
 
 
+def _score(recipe: Recipe, checkpoint: Path, digest: str, sources: Path | None, ctx: StepContext, label: str,
+           work_name: str, out: Path) -> tuple[dict[str, int], dict[str, Any]]:
+    """Every (benchmark, system message) of the recipe's suite on one checkpoint, written to `out`."""
+    store = ArtifactStore(recipe.store.root, verify=recipe.store.verify)
+    jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages), sources_dir=sources,
+                     limit=recipe.eval.limit)
+    work = ctx.work_dir or Path(store.url(EVAL_WORK)) / work_name
+    results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
+                                  bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
+                                  progress=progress_reporter(ctx, label))
+    return write_results(store, results, out, digest, recipe.eval.bootstrap_samples, recipe.seed)
+
+
 def build_eval_for(model_step: str):
     def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-        store = ArtifactStore(recipe.store.root, verify=recipe.store.verify)
         checkpoint = upstream[model_step]
-        digest = _checkpoint_digest(checkpoint)
-        sources = upstream.get("sources")
-        jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages),
-                         sources_dir=sources, limit=recipe.eval.limit)
-        if sources is not None and not (sources / HELDOUT_FILE).exists():
-            raise FileNotFoundError(f"{sources}: no {HELDOUT_FILE}")
-
-        progress = progress_reporter(ctx, model_step)
-        work = ctx.work_dir or Path(store.url(EVAL_WORK)) / model_step
-        results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
-                                      bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
-                                      progress=progress)
-        return write_results(store, results, out, digest, recipe.eval.bootstrap_samples, recipe.seed)
+        return _score(recipe, checkpoint, _checkpoint_digest(checkpoint), upstream.get("sources"), ctx,
+                      label=model_step, work_name=model_step, out=out)
     return build
 
 
@@ -195,16 +195,8 @@ def build_checkpoint_eval(checkpoint: Path, name: str, digest: str):
     """Score a checkpoint folder outside the DAG (a nightly export, a hub model copied locally)."""
 
     def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-        store = ArtifactStore(recipe.store.root, verify=recipe.store.verify)
-        jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages),
-                         sources_dir=upstream.get("sources"), limit=recipe.eval.limit)
-
-        progress = progress_reporter(ctx, name)
-        work = ctx.work_dir or Path(store.url(EVAL_WORK)) / f"checkpoint-{digest[:16]}"
-        results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
-                                      bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
-                                      progress=progress)
-        rows, stats = write_results(store, results, out, digest, recipe.eval.bootstrap_samples, recipe.seed)
+        rows, stats = _score(recipe, checkpoint, digest, upstream.get("sources"), ctx, label=name,
+                             work_name=f"checkpoint-{digest[:16]}", out=out)
         summary = pq.read_table(out / SUMMARY_FILE).to_pandas()
         summary = summary.assign(model=name)[["model", *summary.columns]]
         curve = checkpoint / "metrics.parquet"
