@@ -6,6 +6,7 @@
     orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
     orca store ls --recipe tiny                     the artifacts in the store
     orca lineage runs/report/<key>                  what an artifact was built from, down to the sources
+    orca compare tiny tiny-answers-only             final stages of recipes already run, with 95% CIs
     orca teacher serve --recipe tiny --port 8000    the oracle teacher, OpenAI-compatible
 """
 
@@ -78,8 +79,28 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
 
         stats = ArtifactStore(resolved.store.root).read_json("report", report["key"], "manifest.json")["stats"]
         _print_table(ordered_table(stats), "zero-shot accuracy, flexible extraction [95% CI]")
-        console.print(f"report: {report['artifact']}/report.md (and report.html, accuracy.png, loss.png)",
-                      highlight=False, soft_wrap=True)
+        _print_findings(stats.get("findings") or {})
+        console.print(f"report: {report['artifact']}/report.md (and report.html, findings.png, accuracy.png, "
+                      "loss.png)", highlight=False, soft_wrap=True)
+
+
+def _print_findings(found: dict) -> None:
+    """The stage ordering (headline system message) and the strategy-usage summary of a report."""
+    from orca_core.eval import findings
+
+    rows = found.get("curriculum") or []
+    if rows:
+        header, body = findings.curriculum_table(rows)
+        _print_table([dict(zip(header, row)) for row in body],
+                     f"each stage vs the last: macro accuracy, {found['headline_system_message']} system message "
+                     f"(seed {found['seed']}, recipe {found['recipe_hash'][:12]})")
+        console.print(findings.verdict(rows).replace("**", ""), highlight=False, soft_wrap=True)
+    usage = found.get("strategy_usage")
+    if usage:
+        console.print(f"strategy per family ({usage['model']}, {usage['system_message']} system message): "
+                      f"{100 * (usage['follows'] or 0):.1f}% of {usage['n']} answers follow the teacher's strategy "
+                      f"for their family; {usage['student_strategies']} strategies across {usage['families']} "
+                      "families", highlight=False, soft_wrap=True)
 
 
 def _print_table(rows: list[dict], title: str) -> None:
@@ -89,6 +110,47 @@ def _print_table(rows: list[dict], title: str) -> None:
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
+
+
+@app.command("compare")
+def compare_cmd(recipes: Annotated[list[str], typer.Argument(help="Two or more recipes (names or YAML paths), each run already.")],
+                set_: SetOpt = None) -> None:
+    """Compare the final stages of recipes that have run (e.g. tiny vs tiny-answers-only), with 95% CIs."""
+    import pandas as pd
+
+    from orca_core.eval import findings
+    from orca_core.eval.evaluate import SUMMARY_FILE
+
+    if len(recipes) < 2:
+        console.print("[red]error:[/red] give two or more recipes to compare")
+        raise typer.Exit(2)
+    rows = []
+    for ref in recipes:
+        resolved = _load(ref, set_)
+        store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
+        key = plan_key(steps_for(resolved)["report"], resolved)
+        if store.lookup("report", key) is None:
+            console.print(f"[red]error:[/red] recipe {resolved.name} has no report in {store.url()} yet: "
+                          f"run `orca run --recipe {ref}` first", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        summary = pd.read_parquet(store.local_dir(store.ref("report", key)) / SUMMARY_FILE)
+        stage = resolved.curriculum.stages[-1].name
+        row = findings.final_stage(summary, stage, resolved.eval.headline_system_message)
+        rows.append({**row, "recipe": resolved.name, "hash": recipe_hash(resolved)[:12], "seed": resolved.seed,
+                     "system_message": resolved.eval.headline_system_message, "report": store.url("report", key)})
+    table = Table(title="final stages: macro accuracy, flexible extraction [95% CI]")
+    for column in ("recipe", "hash", "seed", "model", "system message", "accuracy", "examples", "vs first"):
+        table.add_column(column)
+    for i, r in enumerate(rows):
+        versus = "" if i == 0 else f"{100 * (r['accuracy'] - rows[0]['accuracy']):+.1f} pts, " + {
+            "separate": "CIs: above", "below": "CIs: below", "overlap": "CIs overlap"}[findings.compare(r, rows[0])]
+        table.add_row(r["recipe"], r["hash"], str(r["seed"]), r["model"], r["system_message"],
+                      f"{100 * r['accuracy']:.1f} [{100 * r['low']:.1f}–{100 * r['high']:.1f}]", str(r["n"]), versus)
+    console.print(table)
+    if len({r["n"] for r in rows}) > 1 or len({r["system_message"] for r in rows}) > 1:
+        console.print("[yellow]note:[/yellow] the recipes differ in examples or system message: not like for like")
+    for r in rows:
+        console.print(f"{r['recipe']}: {r['report']}/report.md", highlight=False, soft_wrap=True)
 
 
 @app.command("eval")

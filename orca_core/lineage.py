@@ -62,7 +62,7 @@ def _details(step: str, config: dict[str, Any]) -> dict[str, Any]:
         out["prompt set"] = str(config["prompts_digest"])[:12]
     if "stage" in config and isinstance(config["stage"], dict):
         stage = config["stage"]
-        out["stage"] = {k: stage[k] for k in ("name", "data", "epochs", "orca1_replay_ratio") if k in stage}
+        out["stage"] = {k: stage[k] for k in ("name", "data", "epochs", "steps", "orca1_replay_ratio") if k in stage}
     if step.startswith("train-") and isinstance(config.get("train"), dict):
         out["train"] = {k: config["train"].get(k) for k in ("lr", "micro_batch_size", "max_len", "precision", "zero_stage")}
     if isinstance(config.get("eval"), dict):

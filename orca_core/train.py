@@ -59,7 +59,7 @@ class TrainJob:
     dataset: Path  # packed Parquet
     out_dir: Path  # the export
     checkpoint_dir: Path
-    epochs: int
+    epochs: int  # passes over the data, unless max_steps is set
     lr: float
     max_len: int
     micro_batch_size: int
@@ -73,6 +73,7 @@ class TrainJob:
     deepspeed_config: Path = Path("infra/deepspeed/zero2.json")
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps
+    max_steps: int | None = None  # a fixed step budget instead of epochs: the data cycles, epoch after epoch
     recipe_slice: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,6 +107,10 @@ def lr_factor(step: int, job: TrainJob, total_steps: int) -> float:
 
 def steps_per_epoch(n_rows: int, job: TrainJob, world_size: int) -> int:
     return -(-n_rows // (job.micro_batch_size * job.grad_accum * world_size))
+
+
+def total_steps(n_rows: int, job: TrainJob, world_size: int) -> int:
+    return job.max_steps or job.epochs * steps_per_epoch(n_rows, job, world_size)
 
 
 def epoch_batches(n_rows: int, job: TrainJob, epoch: int, rank: int, world_size: int) -> list[np.ndarray]:
@@ -165,7 +170,7 @@ def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, pa.Table]:
     table = pq.read_table(job.dataset, columns=COLUMNS)
     if len(table) == 0:
         raise ValueError(f"{job.dataset} has no rows")
-    total_steps = job.epochs * steps_per_epoch(len(table), job, world_size)
+    steps = total_steps(len(table), job, world_size)
     torch.manual_seed(job.seed)
     model = AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -177,7 +182,7 @@ def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, pa.Table]:
         model=model,
         model_parameters=groups,
         config=deepspeed_config(job, world_size),
-        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job, total_steps)),
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job, steps)),
     )
     return engine, table
 
@@ -228,10 +233,14 @@ def fit(
     state = _resume(engine, resume_from) if resume_from else {"step": 0, "epoch": 0, "position": 0, "metrics": []}
     step, metrics = state["step"], list(state["metrics"])
     elapsed = metrics[-1]["elapsed"] if metrics else 0.0
-    for epoch in range(state["epoch"], job.epochs):
+    last_step = total_steps(len(table), job, world_size)
+    epochs = -(-last_step // steps_per_epoch(len(table), job, world_size))  # the last one partly, under max_steps
+    for epoch in range(state["epoch"], epochs):
         micro = epoch_batches(len(table), job, epoch, rank, world_size)
         start = state["position"] if epoch == state["epoch"] else 0
         for position in range(start, len(micro), job.grad_accum):
+            if step == last_step:
+                break
             started, lr = time.perf_counter(), engine.get_lr()[0]
             totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, tokens, label tokens
             for indices in micro[position:position + job.grad_accum]:

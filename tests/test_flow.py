@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.pipeline import orca_pipeline
-from orca_core.recipe import load_recipe
+from orca_core.recipe import load_recipe, recipe_hash
 from orca_core.steps import Step
 from tasks.step import call_step, prefect_step
 
@@ -107,6 +107,41 @@ def test_every_checkpoint_is_scored_and_the_report_is_written_and_published(stor
     rows = json.loads(artifacts["orca-eval-table"].data)
     assert [r["model"] for r in rows] == ["base", "flan", "orca1", "orca2"]
     assert "procedural-heldout · cautious" in rows[0]
+
+
+def test_the_report_states_the_findings_with_seed_recipe_hash_and_example_counts(store, monkeypatch):
+    """The structure of the findings on the smoke run (the ordering itself needs the full tiny run)."""
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
+    outcomes = {o["step"]: o for o in orca_pipeline(recipe="smoke", overrides=[f"store.root={store}", *KEYED])}
+    recipe = load_recipe("smoke", [f"store.root={store}", *KEYED])
+    report = Path(outcomes["report"]["artifact"])
+    found = json.loads((report / "findings.json").read_text())
+    assert found["seed"] == recipe.seed and found["recipe_hash"] == recipe_hash(recipe)
+    assert found["headline_system_message"] == recipe.eval.headline_system_message
+    assert [r["model"] for r in found["curriculum"]] == ["flan", "orca1", "orca2"]
+    assert all(r["n"] == 40 and r["tasks"] == 8 and r["low"] <= r["accuracy"] <= r["high"] for r in found["curriculum"])
+    assert [r["vs_previous"] for r in found["curriculum"]][0] == ""
+    assert all(r["vs_previous"] in ("separate", "overlap", "below") for r in found["curriculum"][1:])
+    assert found["ordering_holds"] == all(r["vs_previous"] == "separate" for r in found["curriculum"][1:])
+    usage = found["strategy_usage"]
+    assert usage["model"] == "orca2" and usage["families"] == 8 and usage["n"] == 40
+    assert 0 <= usage["follows"] <= 1 and 1 <= usage["student_strategies"] <= 6
+    assert (report / "findings.png").stat().st_size > 10_000
+    text = (report / "report.md").read_text()
+    one = text[text.index("## Finding 1"):text.index("## Finding 2")]
+    assert ("**Holds**" in one) == found["ordering_holds"] and ("**Does not hold**" in one) != found["ordering_holds"]
+    assert f"Seed {recipe.seed}, recipe smoke (hash {recipe_hash(recipe)[:12]})" in one
+    assert "40 held-out examples per stage over 8 tasks" in one
+    table = one[one.index("| model |"):].split("\n\n")[0].splitlines()
+    assert table[0] == "| model | accuracy % [95% CI] | examples | tasks | vs previous |"
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| flan", "| orca1", "| orca2"]
+    assert all(row.split(" | ")[2:4] == ["40", "8"] for row in table[2:])
+    two = text[text.index("## Finding 2"):text.index("## Finding 3")]
+    families = two[two.index("| task family |"):].split("\n\n")[0].splitlines()[2:]
+    assert len(families) == 8 and all(row.endswith("| 5 |") for row in families)
+    assert "orca compare smoke " in text
+    html = (report / "report.html").read_text()
+    assert "Finding 1: each curriculum stage improves on the last" in html and "findings.png" in html
 
 
 def test_a_changed_field_reruns_only_the_steps_that_read_it(store, monkeypatch):

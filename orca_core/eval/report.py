@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -32,6 +33,16 @@ table{border-collapse:collapse;margin:.5em 0 1.5em;font-variant-numeric:tabular-
 th,td{border:1px solid #ccc;padding:.3em .6em;white-space:nowrap}th{background:#f2f2f2}
 td{text-align:right}td:first-child{text-align:left;font-weight:600}img{max-width:100%;margin:.5em 0}
 details{margin:.5em 0}summary{cursor:pointer;font-weight:600}.note{color:#555}"""
+
+
+@dataclass
+class Section:
+    """A titled block of the report above the standard tables: lines of text, a table, a plot."""
+
+    title: str
+    lines: list[str] = field(default_factory=list)  # Markdown-light: **bold** is kept in Markdown, dropped in HTML
+    table: tuple[list[str], list[list[str]]] | None = None
+    image: str | None = None  # a file name in the report folder
 
 
 def _order(values) -> list:
@@ -234,10 +245,12 @@ def plot_loss(loss_curves: Mapping[str, Path], path: Path) -> None:
 def write_report(summary: pd.DataFrame, out_dir: Path, *, models: list[str],
                  loss_curves: Mapping[str, Path] | None = None,
                  title: str = "Orca 2 reproduction: zero-shot evaluation",
-                 notes: Mapping[str, object] | None = None) -> dict[str, Path]:
+                 notes: Mapping[str, object] | None = None,
+                 sections: Sequence[Section] = ()) -> dict[str, Path]:
     """Write report.md, report.html, accuracy.png, loss.png (with loss_curves) and summary.csv to out_dir.
 
-    Returns file name -> path. `notes` are run facts shown at the top (recipe, checkpoint keys, backend).
+    Returns file name -> path. `notes` are run facts shown at the top (recipe, checkpoint keys, backend);
+    `sections` (the findings) come right after them, before the standard tables.
     """
     _check(summary)
     out_dir = Path(out_dir)
@@ -256,6 +269,10 @@ def write_report(summary: pd.DataFrame, out_dir: Path, *, models: list[str],
 
     md = [f"# {title}", ""]
     md += [f"- **{k}**: {v}" for k, v in (notes or {}).items()] + ([""] if notes else [])
+    for section in sections:
+        md += [f"## {section.title}", ""] + [line for text in section.lines for line in (text, "")]
+        md += [_markdown(*section.table), ""] if section.table else []
+        md += [f"![{section.title}]({section.image})", ""] if section.image else []
     for heading, table in tables:
         md += [f"## {heading[0].upper()}{heading[1:]}", "", _markdown(*table), ""]
     md += [f"_{fact}_" for fact in facts] + [""]
@@ -272,6 +289,11 @@ def write_report(summary: pd.DataFrame, out_dir: Path, *, models: list[str],
     if notes:
         page.append("<ul>" + "".join(f"<li><b>{esc(str(k))}</b>: {esc(str(v))}</li>" for k, v in notes.items())
                     + "</ul>")
+    for section in sections:
+        page.append(f"<h2>{esc(section.title)}</h2>")
+        page += [f"<p>{esc(text.replace('**', ''))}</p>" for text in section.lines]
+        page += [_html_table(*section.table)] if section.table else []
+        page += [f"<img src='{esc(section.image)}' alt='{esc(section.title)}'>"] if section.image else []
     for heading, table in tables:
         page += [f"<h2>{esc(heading[0].upper() + heading[1:])}</h2>", _html_table(*table)]
     page += [f"<p class='note'>{esc(fact)}</p>" for fact in facts]

@@ -22,14 +22,19 @@ import pyarrow.parquet as pq
 from orca_core.curriculum import folder_hashes
 from orca_core.eval.backends import GenerationSettings
 from orca_core.eval.benchmarks import BenchmarkSpec, load_benchmark, suite_specs
-from orca_core.eval.evaluate import SUMMARY_FILE, checkpoint_digest, evaluate_checkpoint, plan_jobs, write_results
-from orca_core.eval.report import table_rows, write_report
-from orca_core.generate import StepContext
+from orca_core.eval import findings as F
+from orca_core.eval.evaluate import (EXAMPLES_FILE, SUMMARY_FILE, SYSTEM_MESSAGES, checkpoint_digest,
+                                     evaluate_checkpoint, plan_jobs, write_results)
+from orca_core.eval.report import Section, table_rows, write_report
+from orca_core.eval.strategy_usage import usage
+from orca_core.generate import TRACES_FILE, StepContext
 from orca_core.keys import file_sha256
+from orca_core.recipe.load import recipe_hash
 from orca_core.recipe.models import Recipe
 from orca_core.store import ArtifactStore
 
 EVAL_WORK = ".eval-work"
+FINDINGS_FILE = "findings.json"
 
 
 def models(recipe: Recipe) -> dict[str, str]:
@@ -168,9 +173,72 @@ def ordered_table(stats: dict[str, Any]) -> list[dict[str, Any]]:
     columns = stats.get("table_columns") or []
     return [{c: row.get(c, "–") for c in columns} or row for row in stats.get("table", [])]
 
+def _orca2_stage(recipe: Recipe) -> str | None:
+    """The last stage trained on Orca 2 strategy traces: the student whose strategy choice is measured."""
+    return next((s.name for s in reversed(recipe.curriculum.stages) if s.data == "orca2"), None)
+
+
 def report_upstream(recipe: Recipe) -> tuple[str, ...]:
     names = models(recipe)
-    return tuple(f"eval-{name}" for name in names) + tuple(s for s in names.values() if s.startswith("train-"))
+    traces = ("filtered-orca2",) if _orca2_stage(recipe) in names else ()
+    return tuple(f"eval-{name}" for name in names) + tuple(s for s in names.values() if s.startswith("train-")) + traces
+
+
+def generic_message_column(recipe: Recipe) -> str | None:
+    """The eval column that gives the student only the generic system message of prompt erasing, if any."""
+    column = {text: name for name, text in SYSTEM_MESSAGES.items()}.get(recipe.prompts.generic_system_message)
+    return column if column in recipe.eval.system_messages else None
+
+
+def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: dict[str, Path],
+             out: Path) -> tuple[list[Section], dict[str, Any]]:
+    """The report's Findings sections (and findings.png), and their figures for the manifest."""
+    stages = [n for n in names if n != "base"]
+    headline = recipe.eval.headline_system_message
+    curricula = {m: F.curriculum(summary, names, m) for m in recipe.eval.system_messages}
+    rows = F.curriculum(summary[summary["model"].isin(stages)], stages, headline)
+    n = rows[0]["n"] if rows else 0
+    provenance = (f"Seed {recipe.seed}, recipe {recipe.name} (hash {recipe_hash(recipe)[:12]}); "
+                  f"{n} held-out examples per stage over {rows[0]['tasks'] if rows else 0} tasks, "
+                  f"flexible extraction, {headline} system message; 95% CIs from "
+                  f"{recipe.eval.bootstrap_samples} stratified bootstrap resamples.")
+    sections = [Section(
+        "Finding 1: each curriculum stage improves on the last",
+        [F.verdict(rows), provenance],
+        F.curriculum_table(curricula[headline]),
+        "findings.png")]
+    stats: dict[str, Any] = {"seed": recipe.seed, "recipe_hash": recipe_hash(recipe),
+                             "headline_system_message": headline, "curriculum": rows,
+                             "ordering_holds": F.ordering_holds(rows)}
+    final, column = _orca2_stage(recipe), generic_message_column(recipe)
+    table = None
+    if final in names and column is not None:
+        examples = pq.read_table(upstream[f"eval-{final}"] / EXAMPLES_FILE,
+                                 columns=["task", "system_message", "output"]).to_pandas()
+        traces = pq.read_table(upstream["filtered-orca2"] / TRACES_FILE,
+                               columns=["task_name", "strategy", "response", "verdict", "stage"]).to_pandas()
+        traces = traces[(traces["verdict"] == "kept") & (traces["stage"] == "orca2")]
+        table = usage(examples, traces)
+        summary_row = F.strategy_summary(table, column)
+        stats["strategy_usage"] = {"system_message": column, "model": final, **summary_row}
+        sections.append(Section(
+            "Finding 2: the student picks a strategy per task family",
+            [f"Stage {final}, given only the generic system message ({column}), answers "
+             f"{100 * (summary_row['follows'] or 0):.1f}% of {summary_row['n']} held-out prompts in the shape of "
+             f"the strategy its teacher was told to use for that family; its most used shape matches the "
+             f"teacher's in {summary_row['families_following']} of {summary_row['families']} families, and it "
+             f"uses {summary_row['student_strategies']} different strategies across them (the teacher: "
+             f"{summary_row['teacher_strategies']}). Seed {recipe.seed}; the shape of an answer is read by "
+             f"orca_core/eval/strategy_usage.py."],
+            F.strategy_table(table, column)))
+    F.plot(curricula, headline, None if table is None else table[table["system_message"] == column], column,
+           out / "findings.png")
+    sections.append(Section(
+        "Finding 3: explanations beat answers at the same token budget",
+        ["Measured by a second recipe that trains every stage on answers only, with this recipe's step budget "
+         "(configs/tiny-answers-only.yaml is tiny's): run both, then "
+         f"`orca compare {recipe.name} <answers-only recipe>` sets their final stages side by side with 95% CIs."]))
+    return sections, stats
 
 
 def build_report(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
@@ -182,12 +250,17 @@ def build_report(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: Step
     summary = pd.concat(summaries, ignore_index=True)
     loss_curves = {name: upstream[step] / "metrics.parquet" for name, step in models(recipe).items()
                    if step.startswith("train-")}
+    out.mkdir(parents=True, exist_ok=True)
+    sections, found = findings(recipe, summary, names, upstream, out)
     write_report(summary, out, models=names, loss_curves=loss_curves,
                  title=f"{recipe.name}: zero-shot evaluation of each curriculum stage",
-                 notes={"suite": recipe.eval.suite, "backend": recipe.eval.backend,
-                        "max_new_tokens": recipe.eval.max_new_tokens})
+                 notes={"recipe": f"{recipe.name} (hash {found['recipe_hash'][:12]})", "seed": recipe.seed,
+                        "suite": recipe.eval.suite, "backend": recipe.eval.backend,
+                        "max_new_tokens": recipe.eval.max_new_tokens},
+                 sections=sections)
     summary.to_parquet(out / SUMMARY_FILE, index=False)
-    return {"rows": len(summary)}, headline_table(summary, names)
+    (out / FINDINGS_FILE).write_text(json.dumps(found, indent=2, sort_keys=True))
+    return {"rows": len(summary)}, {**headline_table(summary, names), "findings": found}
 
 
 # -- one checkpoint folder from anywhere (nightly evals, `orca eval`) ---------------------

@@ -49,7 +49,7 @@ def usage(examples: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
 
     examples: evaluation rows (task, system_message, output); traces: the Orca 2 teacher traces
     (task_name, strategy, response). `follows` is the share of the student's answers with the shape of
-    the teacher's traces for that task.
+    the teacher's traces for that task; `share_<shape>` the share of the student's answers in each shape.
     """
     teacher = traces.assign(shape=traces["response"].map(strategy_of)).groupby("task_name").agg(
         instructed=("strategy", _mode), teacher_shape=("shape", _mode))
@@ -59,7 +59,8 @@ def usage(examples: pd.DataFrame, traces: pd.DataFrame) -> pd.DataFrame:
         expected = teacher["teacher_shape"].get(task, "")
         rows.append({"system_message": message, "task": task, "n": len(group),
                      "instructed": teacher["instructed"].get(task, ""), "teacher_shape": expected,
-                     "student_shape": _mode(group["shape"]), "follows": float((group["shape"] == expected).mean())})
+                     "student_shape": _mode(group["shape"]), "follows": float((group["shape"] == expected).mean()),
+                     **{f"share_{shape}": float((group["shape"] == shape).mean()) for shape in SHAPES}})
     return pd.DataFrame(rows)
 
 

@@ -219,9 +219,16 @@ class ModelConfig(Section):
 class StageConfig(Section):
     name: str
     data: Literal["flan", "orca1", "orca2"]
-    epochs: int = Field(gt=0)
+    epochs: int | None = Field(None, gt=0)  # passes over the stage's data ...
+    steps: int | None = Field(None, gt=0)  # ... or a fixed budget of optimizer steps (the data cycles): one of the two
     lr: float | None = Field(None, gt=0)  # overrides train.lr for this stage
     orca1_replay_ratio: float = Field(0.0, ge=0)  # orca2 stage: strong Orca 1 traces replayed
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> StageConfig:
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError(f"stage {self.name!r}: set exactly one of epochs and steps")
+        return self
 
 
 class CurriculumConfig(Section):
@@ -262,6 +269,7 @@ class EvalConfig(Section):
     data_dir: str = "./bench-data"  # where `make bench-data` puts the real-offline suite
     models: list[str] | None = None  # checkpoints to score: "base" and stage names; null = all
     system_messages: list[Literal["empty", "cautious"]] = ["empty", "cautious"]
+    headline_system_message: Literal["empty", "cautious"] = "empty"  # the column the findings are judged on
     max_new_tokens: int = Field(256, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU; bfloat16 on GPUs
     tensor_parallel_size: int = Field(1, gt=0)
@@ -277,6 +285,9 @@ class EvalConfig(Section):
             raise ValueError(f"eval.benchmarks: only read when eval.suite is 'custom' (it is {self.suite!r})")
         if not self.system_messages:
             raise ValueError("eval.system_messages: at least one of 'empty', 'cautious'")
+        if self.headline_system_message not in self.system_messages:
+            raise ValueError(f"eval.headline_system_message: {self.headline_system_message!r} is not one of "
+                             f"eval.system_messages {self.system_messages}")
         return self
 
 
