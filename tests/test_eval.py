@@ -173,3 +173,39 @@ def test_orca_eval_runs_the_real_offline_suite_on_one_checkpoint_with_vllm(tiny_
     third = subprocess.run([*orca[:2], str(moved), *orca[3:], "--name", "nightly"], capture_output=True, text=True,
                            env=env, timeout=600)
     assert third.returncode == 0 and "Cached: this checkpoint was already scored" in third.stdout
+
+
+def test_native_prompts_each_stage_as_it_was_trained_and_equal_prompts_are_generated_once(tiny_checkpoint, tmp_path):
+    from orca_core.eval.native import native_prompter, stage_data_of
+    from orca_core.prompts import orca1_allowed_ids, orca1_system_message
+    from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
+
+    examples = plan_jobs(specs()[:1], ["empty"])[0].examples
+    assert {native_prompter(None, "G")(e) for e in examples} == {""}  # base
+    assert {native_prompter("flan", "G")(e) for e in examples} == {""}
+    assert {native_prompter("orca2", ORCA2_CAUTIOUS_SYSTEM_MESSAGE)(e) for e in examples} == {ORCA2_CAUTIOUS_SYSTEM_MESSAGE}
+    orca1 = [native_prompter("orca1", "G")(e) for e in examples]  # gsm8k counts as CoT: Orca 1's {6, 11, 16}
+    assert set(orca1) <= {orca1_system_message(i) for i in orca1_allowed_ids("cot", False)} and len(set(orca1)) > 1
+    with pytest.raises(ValueError, match="unknown stage data 'dpo'"):
+        native_prompter("dpo", "G")
+    with pytest.raises(ValueError, match="needs to know how the checkpoint was trained"):
+        plan_jobs(specs(), ["native"])
+    # A stage's export says what it trained on; a folder without recipe.json is a base model.
+    at = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    assert stage_data_of(at) is None
+    (at / "recipe.json").write_text(json.dumps({"stage": {"name": "orca1", "data": "orca1"}}))
+    assert stage_data_of(at) == "orca1"
+    # Native == empty for a FLAN stage: one generation serves both columns, and each has its own key.
+    jobs = plan_jobs(specs()[:1], ["native", "empty"], native=native_prompter("flan", ""))
+    store, generated = ArtifactStore(str(tmp_path / "store")), []
+    results = evaluate_checkpoint(store, at, jobs, HF, tmp_path / "work",
+                                  progress=lambda job, done, total: generated.append(job))
+    assert set(generated) == {"gsm8k.native"} and len({r.key for r in results}) == 2
+    native_rows, empty_rows = (pq.read_table(Path(r.ref.url) / EXAMPLES_FILE).to_pandas() for r in results)
+    assert list(native_rows.output) == list(empty_rows.output) and set(native_rows.system_message) == {"native"}
+    # Under Orca 1 messages the prompts differ: generated on their own, keyed apart from the flan-style native.
+    orca1_jobs = plan_jobs(specs()[:1], ["native"], native=native_prompter("orca1", ""))
+    generated.clear()
+    again = evaluate_checkpoint(store, at, orca1_jobs, HF, tmp_path / "work",
+                                progress=lambda job, done, total: generated.append(job))
+    assert generated and again[0].key != results[0].key

@@ -151,6 +151,18 @@ def test_golden_losses(golden_run):
     assert [m["step"] for m in result["metrics"]] == list(range(1, 17))
 
 
+def test_a_step_budget_cycles_the_data_and_ends_the_schedule_on_its_last_step(golden_run, base, tmp_path):
+    job = replace(golden_job(base, "budget"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                  epochs=1, max_steps=11)  # 8 steps an epoch: one epoch and 3 steps of the next
+    metrics = fit(job)["metrics"]
+    assert [m["step"] for m in metrics] == list(range(1, 12))
+    assert [m["epoch"] for m in metrics] == [0] * 8 + [1] * 3
+    assert metrics[-1]["lr"] == pytest.approx(job.lr * job.min_lr_ratio)  # the cosine spans the 11 steps
+    golden = golden_run[1]["metrics"]  # same data order and warmup: the warmup steps match the 2-epoch run
+    np.testing.assert_allclose([m["loss"] for m in metrics[:2]], [m["loss"] for m in golden[:2]], rtol=1e-6)
+    assert (job.out_dir / "model.safetensors").is_file()
+
+
 def test_packed_row_loss_is_the_sum_of_its_examples(base):
     model = AutoModelForCausalLM.from_pretrained(base["base"], dtype=torch.float32)
     row = next(r for r in pq.read_table(base["data"]).to_pylist() if r["n_examples"] >= 3 and r["n_tokens"] < MAX_LEN)

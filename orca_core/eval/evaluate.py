@@ -79,17 +79,27 @@ class Job:
     """One benchmark under one system message: one result artifact."""
 
     benchmark: str
-    system_message: str  # "empty" | "cautious"
+    system_message: str  # "empty" | "cautious" | "native"
     examples: tuple[Example, ...]
+    systems: tuple[str, ...] = ()  # "native": each example's system message text
 
     @property
     def name(self) -> str:
         return f"{self.benchmark}.{self.system_message}"
 
+    def system_texts(self) -> list[str]:
+        return list(self.systems) if self.systems else [SYSTEM_MESSAGES[self.system_message]] * len(self.examples)
+
 
 def plan_jobs(specs: list[BenchmarkSpec], system_messages: list[str], sources_dir: Path | None = None,
-              limit: int | None = None) -> list[Job]:
-    """Load each benchmark once and pair it with each system message."""
+              limit: int | None = None, native: Callable[[Example], str] | None = None) -> list[Job]:
+    """Load each benchmark once and pair it with each system message.
+
+    "native" prompts each example the way the checkpoint's last stage was trained (`native(example)`,
+    see orca_core/eval/native.py); it needs `native`.
+    """
+    if "native" in system_messages and native is None:
+        raise ValueError("system message 'native' needs to know how the checkpoint was trained (native=...)")
     jobs = []
     for spec in specs:
         if limit is not None and spec.limit is None:
@@ -97,7 +107,8 @@ def plan_jobs(specs: list[BenchmarkSpec], system_messages: list[str], sources_di
         examples = tuple(load_benchmark(spec, sources_dir))
         if not examples:
             raise ValueError(f"benchmark {spec.name}: no examples were loaded (check its path, split and tasks)")
-        jobs += [Job(spec.name, message, examples) for message in system_messages]
+        jobs += [Job(spec.name, message, examples, tuple(map(native, examples)) if message == "native" else ())
+                 for message in system_messages]
     return jobs
 
 
@@ -108,7 +119,8 @@ def result_components(digest: str, job: Job, settings: GenerationSettings) -> di
         "benchmark": job.benchmark,
         "examples": examples_digest(list(job.examples)),
         "n": len(job.examples),
-        "system_message": {"name": job.system_message, "sha256": sha256_text(SYSTEM_MESSAGES[job.system_message])},
+        "system_message": {"name": job.system_message, "sha256": (
+            sha256_text(canonical_json(list(job.systems))) if job.systems else sha256_text(SYSTEM_MESSAGES[job.system_message]))},
         "generation": {**generation, "backend_version": backend_version(settings), "decoding": "greedy"},
     }
     return key_components(RESULTS_STEP, RESULTS_VERSION, config)
@@ -164,11 +176,18 @@ def evaluate_checkpoint(
     if missing:
         log.info("checkpoint %s: generating %d of %d benchmark results (%s)", digest[:12], len(missing), len(jobs),
                  ", ".join(job.name for job, _ in missing))
-        prompts = {job.name: chat_prompts(checkpoint, [chat(SYSTEM_MESSAGES[job.system_message], e.prompt) for e in job.examples])
-                   for job, _ in missing}
+        # Jobs with the same prompts (native == empty for a FLAN or an Orca 2 stage erased to the empty
+        # message) are generated once: greedy decoding gives them the same outputs.
+        prompts, same_as = {}, {}
+        for job, _ in missing:
+            ids = chat_prompts(checkpoint, [chat(system, e.prompt) for system, e in zip(job.system_texts(), job.examples)])
+            same_as[job.name] = next((name for name, other in prompts.items() if other == ids), job.name)
+            if same_as[job.name] == job.name:
+                prompts[job.name] = ids
         # The work folder is per checkpoint + settings: generations of a killed run are picked up again.
         work = work_dir / sha256_text(canonical_json({"checkpoint": digest, "settings": asdict(settings)}))[:16]
         generated = generate_jobs(checkpoint, prompts, work, settings, progress=progress)
+        generated = {name: generated[first] for name, first in same_as.items()}
         for job, comps in missing:
             key = step_key(comps)
             table = score_job(job, generated[job.name])

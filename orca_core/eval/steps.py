@@ -25,6 +25,7 @@ from orca_core.eval.benchmarks import BenchmarkSpec, load_benchmark, suite_specs
 from orca_core.eval import findings as F
 from orca_core.eval.evaluate import (EXAMPLES_FILE, SUMMARY_FILE, SYSTEM_MESSAGES, checkpoint_digest,
                                      evaluate_checkpoint, plan_jobs, write_results)
+from orca_core.eval.native import native_prompter, stage_data_of
 from orca_core.eval.report import Section, table_rows, write_report
 from orca_core.eval.strategy_usage import usage
 from orca_core.generate import TRACES_FILE, StepContext
@@ -144,8 +145,9 @@ def _score(recipe: Recipe, checkpoint: Path, digest: str, sources: Path | None, 
            work_name: str, out: Path) -> tuple[dict[str, int], dict[str, Any]]:
     """Every (benchmark, system message) of the recipe's suite on one checkpoint, written to `out`."""
     store = ArtifactStore(recipe.store.root, verify=recipe.store.verify)
+    native = native_prompter(stage_data_of(checkpoint), recipe.prompts.generic_system_message)
     jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages), sources_dir=sources,
-                     limit=recipe.eval.limit)
+                     limit=recipe.eval.limit, native=native)
     work = ctx.work_dir or Path(store.url(EVAL_WORK)) / work_name
     results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
                                   bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
@@ -185,9 +187,14 @@ def report_upstream(recipe: Recipe) -> tuple[str, ...]:
 
 
 def generic_message_column(recipe: Recipe) -> str | None:
-    """The eval column that gives the student only the generic system message of prompt erasing, if any."""
+    """The eval column that gives the Orca 2 student only the generic system message of prompt erasing, if any.
+
+    "native" does (an orca2 stage's native message is the generic one); so does the fixed message equal to it.
+    """
     column = {text: name for name, text in SYSTEM_MESSAGES.items()}.get(recipe.prompts.generic_system_message)
-    return column if column in recipe.eval.system_messages else None
+    if column in recipe.eval.system_messages:
+        return column
+    return "native" if "native" in recipe.eval.system_messages else None
 
 
 def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: dict[str, Path],

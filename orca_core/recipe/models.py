@@ -268,8 +268,9 @@ class EvalConfig(Section):
     benchmarks: list[BenchmarkSpec] = []  # suite: custom (each from a local path or a `datasets` name)
     data_dir: str = "./bench-data"  # where `make bench-data` puts the real-offline suite
     models: list[str] | None = None  # checkpoints to score: "base" and stage names; null = all
-    system_messages: list[Literal["empty", "cautious"]] = ["empty", "cautious"]
-    headline_system_message: Literal["empty", "cautious"] = "empty"  # the column the findings are judged on
+    # empty and cautious: Orca 2's two columns; native: each checkpoint as its last stage was trained (eval/native.py)
+    system_messages: list[Literal["empty", "cautious", "native"]] = ["empty", "cautious"]
+    headline_system_message: Literal["empty", "cautious", "native"] = "empty"  # the column the findings are judged on
     max_new_tokens: int = Field(256, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU; bfloat16 on GPUs
     tensor_parallel_size: int = Field(1, gt=0)
@@ -284,7 +285,7 @@ class EvalConfig(Section):
         if self.suite != "custom" and self.benchmarks:
             raise ValueError(f"eval.benchmarks: only read when eval.suite is 'custom' (it is {self.suite!r})")
         if not self.system_messages:
-            raise ValueError("eval.system_messages: at least one of 'empty', 'cautious'")
+            raise ValueError("eval.system_messages: at least one of 'empty', 'cautious', 'native'")
         if self.headline_system_message not in self.system_messages:
             raise ValueError(f"eval.headline_system_message: {self.headline_system_message!r} is not one of "
                              f"eval.system_messages {self.system_messages}")

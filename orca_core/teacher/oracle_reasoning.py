@@ -61,6 +61,26 @@ _AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "/", ast.Di
 _AST_FNS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.floordiv}
 
 
+_PLACES = ("ones", "tens", "hundreds", "thousands", "ten thousands")
+
+
+def column_addition(a: int, b: int) -> list[str]:
+    """a + b by hand, one line per column: the digits, the carry in, the digit written and the carry out."""
+    lines, carry = [], 0
+    x, y = str(a)[::-1], str(b)[::-1]
+    for i in range(max(len(x), len(y))):
+        digits = [int(n[i]) for n in (x, y) if i < len(n)]
+        total = sum(digits) + carry
+        terms = " + ".join(map(str, digits + ([carry] if carry else [])))
+        place = _PLACES[i] if i < len(_PLACES) else f"column {i + 1}"
+        carry_out = f", carry {total // 10}" if total >= 10 else ""
+        lines.append(f"{place}: {terms} = {total}, write {total % 10}{carry_out}")
+        carry = total // 10
+    if carry:
+        lines.append(f"{_PLACES[len(lines)] if len(lines) < len(_PLACES) else 'last'}: write the carry {carry}")
+    return lines
+
+
 def _evaluate(node: ast.AST, steps: list[str]) -> int:
     """Post-order evaluation (the order precedence and parentheses impose), one step per operation."""
     if isinstance(node, ast.Constant):
@@ -71,6 +91,8 @@ def _evaluate(node: ast.AST, steps: list[str]) -> int:
         left, right = _evaluate(node.left, steps), _evaluate(node.right, steps)
         op = _AST_OPS[type(node.op)]
         result = _AST_FNS[op](left, right)
+        if op == "+" and left >= 0 and right >= 0 and max(left, right) >= 10:  # several digits: by columns
+            steps.extend(column_addition(left, right))
         steps.append(f"{left} {op} {right} = {result}")
         return result
     raise ValueError(f"unsupported expression node {ast.dump(node)}")
