@@ -14,7 +14,7 @@ from orca_core.recipe.load import apply_override, parse_field_path
 
 def test_shipped_recipes_validate_with_their_values():
     tiny, smoke, prod = load_recipe("tiny"), load_recipe("smoke"), load_recipe("orca2-7b")
-    assert tiny.sources.procedural.families is None and tiny.sources.procedural.train_per_family == 300
+    assert len(tiny.sources.procedural.families) >= 3 and tiny.eval.headline_system_message in tiny.eval.system_messages
     assert [s.name for s in tiny.curriculum.stages] == ["flan", "orca1", "orca2"]
     assert [s.epochs for s in prod.curriculum.stages] == [1, 3, 4]  # Orca 2's schedule
     # smoke extends tiny: its own fields win, the rest is inherited.
@@ -24,6 +24,27 @@ def test_shipped_recipes_validate_with_their_values():
     assert prod.teachers.strong.api_key_env == "AZURE_OPENAI_API_KEY"
     assert prod.train.zero_stage == 3 and prod.train.precision == "bf16" and prod.train.max_len == 4096
     assert prod.sources.flan.counts["niv2"] == 440_000 and prod.sources.flan.niv2_max_per_task == 300
+
+
+def test_the_answers_only_ablation_has_tinys_token_budget_and_answers_only():
+    tiny, ablation = load_recipe("tiny"), load_recipe("tiny-answers-only")
+    assert [s.data for s in ablation.curriculum.stages] == ["flan"] * 3
+    assert [(s.name, s.steps, s.epochs) for s in ablation.curriculum.stages] == \
+        [(s.name, s.steps, s.epochs) for s in tiny.curriculum.stages]
+    assert all(s.steps for s in tiny.curriculum.stages)  # a step budget: the same rows of max_len tokens per step
+    assert ablation.train == tiny.train and ablation.model == tiny.model and ablation.seed == tiny.seed
+    assert ablation.sources == tiny.sources and ablation.eval == tiny.eval and ablation.store == tiny.store
+
+
+def test_a_stage_takes_epochs_or_steps_not_both(tmp_path):
+    for stage, ok in [("{name: a, data: flan, epochs: 1}", True), ("{name: a, data: flan, steps: 9}", True),
+                      ("{name: a, data: flan}", False), ("{name: a, data: flan, epochs: 1, steps: 9}", False)]:
+        path = _write(tmp_path, f"extends: tiny\neval: {{models: null}}\ncurriculum:\n  stages:\n    - {stage}\n")
+        if ok:
+            load_recipe(str(path))
+        else:
+            with pytest.raises(RecipeError, match="curriculum.stages\\[0\\].*set exactly one of epochs and steps"):
+                load_recipe(str(path))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -67,16 +88,16 @@ def test_an_api_key_in_the_recipe_is_refused():
 
 
 def test_overrides_parse_values_and_paths():
-    recipe = load_recipe("tiny", ["train.lr=1e-4", "curriculum.stages[1].epochs=5", "sources.procedural.families=[syllogism]"])
+    recipe = load_recipe("tiny", ["train.lr=1e-4", "curriculum.stages[1].steps=5", "sources.procedural.families=[syllogism]"])
     assert recipe.train.lr == pytest.approx(1e-4) and isinstance(recipe.train.lr, float)
-    assert recipe.curriculum.stages[1].epochs == 5
+    assert recipe.curriculum.stages[1].steps == 5
     assert recipe.sources.procedural.families == ["syllogism"]
     assert parse_field_path("curriculum.stages.1.epochs") == ["curriculum", "stages", 1, "epochs"]
 
 
 def test_bad_overrides_name_the_field():
-    with pytest.raises(RecipeError, match=r"curriculum.stages\[1\].epochs: must be > 0"):
-        load_recipe("tiny", ["curriculum.stages[1].epochs=0"])
+    with pytest.raises(RecipeError, match=r"curriculum.stages\[1\].steps: must be > 0"):
+        load_recipe("tiny", ["curriculum.stages[1].steps=0"])
     with pytest.raises(RecipeError, match=r"curriculum.stages\[7\] does not exist"):
         load_recipe("tiny", ["curriculum.stages[7].epochs=1"])
     with pytest.raises(RecipeError, match="expected FIELD=VALUE"):

@@ -91,7 +91,7 @@ def _evaluate(node: ast.AST, steps: list[str]) -> int:
         left, right = _evaluate(node.left, steps), _evaluate(node.right, steps)
         op = _AST_OPS[type(node.op)]
         result = _AST_FNS[op](left, right)
-        if op == "+" and left >= 0 and right >= 0 and max(left, right) >= 10:  # several digits: by columns
+        if op == "+" and min(left, right) >= 10:  # two numbers of several digits: by columns
             steps.extend(column_addition(left, right))
         steps.append(f"{left} {op} {right} = {result}")
         return result
