@@ -29,9 +29,9 @@ def test_shipped_recipes_validate_with_their_values():
 def test_the_answers_only_ablation_has_tinys_token_budget_and_answers_only():
     tiny, ablation = load_recipe("tiny"), load_recipe("tiny-answers-only")
     assert [s.data for s in ablation.curriculum.stages] == ["flan"] * 3
-    assert [(s.name, s.steps, s.epochs) for s in ablation.curriculum.stages] == \
-        [(s.name, s.steps, s.epochs) for s in tiny.curriculum.stages]
-    assert all(s.steps for s in tiny.curriculum.stages)  # a step budget: the same rows of max_len tokens per step
+    assert [(s.name, s.steps, s.epochs, s.lr) for s in ablation.curriculum.stages] == \
+        [(s.name, s.steps, s.epochs, s.lr) for s in tiny.curriculum.stages]
+    assert all(s.steps or s.data == "flan" for s in tiny.curriculum.stages)  # step budgets: the same rows of max_len tokens per step
     assert ablation.train == tiny.train and ablation.model == tiny.model and ablation.seed == tiny.seed
     assert ablation.sources == tiny.sources and ablation.eval == tiny.eval and ablation.store == tiny.store
 
