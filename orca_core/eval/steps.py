@@ -240,9 +240,12 @@ def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: 
             F.strategy_table(table, column)))
     F.plot(curricula, headline, None if table is None else table[table["system_message"] == column], column,
            out / "findings.png")
+    answers_only = all(s.data == "flan" for s in recipe.curriculum.stages)
     sections.append(Section(
         "Finding 3: explanations beat answers at the same token budget",
-        ["Measured by a second recipe that trains every stage on answers only, with this recipe's step budget "
+        [f"This recipe is an answers-only control: run the recipe it controls, then `orca compare <that recipe> "
+         f"{recipe.name}`." if answers_only else
+         "Measured by a second recipe that trains every stage on answers only, with this recipe's step budget "
          "(configs/tiny-answers-only.yaml is tiny's): run both, then "
          f"`orca compare {recipe.name} <answers-only recipe>` sets their final stages side by side with 95% CIs."]))
     return sections, stats
