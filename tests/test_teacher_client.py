@@ -118,7 +118,7 @@ def test_a_wrong_key_is_fatal_and_never_echoed(sources, monkeypatch):
 def test_auto_strategy_selection_picks_the_strategy_that_suits_each_family(tmp_path):
     # The oracle errs whenever a strategy does not suit the family (penalty 1.0): the best is known.
     recipe = load_recipe("smoke", [f"store.root={tmp_path / 'store'}", "prompts.default_strategy=auto",
-                                   "prompts.selection_samples=12", "teachers.strong.oracle.strategy_penalty=1.0",
+                                   "prompts.strategies={}", "prompts.selection_samples=12", "teachers.strong.oracle.strategy_penalty=1.0",
                                    "teachers.strong.oracle.error_rate=0.0"])
     store = ArtifactStore(recipe.store.root)
     steps.run_step(store, steps.SOURCES, recipe)
