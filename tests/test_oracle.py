@@ -285,3 +285,11 @@ def test_serve_announces_its_url(rows, tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_multi_digit_additions_are_written_column_by_column():
+    from orca_core.teacher.oracle_reasoning import column_addition
+
+    assert column_addition(47, 38) == ["ones: 7 + 8 = 15, write 5, carry 1", "tens: 4 + 3 + 1 = 8, write 8"]
+    assert column_addition(95, 87)[-1] == "hundreds: write the carry 1"
+    assert column_addition(120, 15) == ["ones: 0 + 5 = 5, write 5", "tens: 2 + 1 = 3, write 3", "hundreds: 1 = 1, write 1"]
