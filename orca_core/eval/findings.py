@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from orca_core.eval.metrics import ALL_TASKS, SUITE
+from orca_core.eval.strategy_usage import distinct_strategies
 
 
 def macro_rows(summary: pd.DataFrame, system_message: str) -> pd.DataFrame:
@@ -56,10 +57,8 @@ def curriculum(summary: pd.DataFrame, models: Sequence[str], system_message: str
                "high": float(r["high_flexible"]), "n": int(r["n"]), "tasks": _tasks(summary, model, system_message),
                "delta": None, "vs_previous": ""}
         if rows:
-            prev = rows[-1]
-            row["delta"] = row["accuracy"] - prev["accuracy"]
-            row["vs_previous"] = ("separate" if row["low"] > prev["high"] else
-                                  "below" if row["high"] < prev["low"] else "overlap")
+            row["delta"] = row["accuracy"] - rows[-1]["accuracy"]
+            row["vs_previous"] = compare(row, rows[-1])
         rows.append(row)
     return rows
 
@@ -82,7 +81,7 @@ def strategy_summary(table: pd.DataFrame, system_message: str) -> dict[str, Any]
                 "families_following": 0, "n": 0}
     return {
         "families": int(len(rows)),
-        "student_strategies": int(rows["student_shape"].nunique()),
+        "student_strategies": distinct_strategies(table, system_message),
         "teacher_strategies": int(rows["teacher_shape"].nunique()),
         "follows": float((rows["follows"] * rows["n"]).sum() / rows["n"].sum()),  # over answers, not families
         "families_following": int((rows["student_shape"] == rows["teacher_shape"]).sum()),

@@ -203,9 +203,10 @@ def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: 
     stages = [n for n in names if n != "base"]
     headline = recipe.eval.headline_system_message
     curricula = {m: F.curriculum(summary, names, m) for m in recipe.eval.system_messages}
-    rows = F.curriculum(summary[summary["model"].isin(stages)], stages, headline)
+    rows = F.curriculum(summary, stages, headline)  # judged without base: the ordering is about the stages
     n = rows[0]["n"] if rows else 0
-    provenance = (f"Seed {recipe.seed}, recipe {recipe.name} (hash {recipe_hash(recipe)[:12]}); "
+    digest = recipe_hash(recipe)
+    provenance = (f"Seed {recipe.seed}, recipe {recipe.name} (hash {digest[:12]}); "
                   f"{n} held-out examples per stage over {rows[0]['tasks'] if rows else 0} tasks, "
                   f"flexible extraction, {headline} system message; 95% CIs from "
                   f"{recipe.eval.bootstrap_samples} stratified bootstrap resamples.")
@@ -214,7 +215,7 @@ def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: 
         [F.verdict(rows), provenance],
         F.curriculum_table(curricula[headline]),
         "findings.png")]
-    stats: dict[str, Any] = {"seed": recipe.seed, "recipe_hash": recipe_hash(recipe),
+    stats: dict[str, Any] = {"seed": recipe.seed, "recipe_hash": digest,
                              "headline_system_message": headline, "curriculum": rows,
                              "ordering_holds": F.ordering_holds(rows)}
     final, column = _orca2_stage(recipe), generic_message_column(recipe)
