@@ -25,7 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from orca_core import steps
-from orca_core.generate import StepContext
+from orca_core.context import StepContext
 from orca_core.recipe import load_recipe
 from orca_core.recipe.models import TeacherEndpoint
 from orca_core.store import ArtifactStore
@@ -89,7 +89,7 @@ def bench_ray_vs_asyncio(tmp: Path, per_family: int) -> dict:
         ]:
             r = recipe(tmp / name, url, per_family, 10**7, *extra)
             if name.startswith("ray"):  # start Ray before the clock: its start-up is not throughput
-                from tasks.fanout import ensure_ray
+                from tasks.ray_runtime import ensure_ray
                 ensure_ray(r)
             elapsed = traces(r, runner(r))
             out[name] = round(4 * per_family / elapsed, 1)

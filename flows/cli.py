@@ -4,9 +4,10 @@
     orca recipe show tiny [--set ...]               print the resolved recipe
     orca eval CHECKPOINT --set eval.suite=real-offline  score a checkpoint folder, write a report
     orca explain sources --recipe tiny [--set ...]  would the step hit the cache? if not, why
+    orca plan --recipe tiny [--set ...] [--json]    every step's hit or miss, and what the misses cost
     orca store ls --recipe tiny                     the artifacts in the store
     orca lineage runs/report/<key>                  what an artifact was built from, down to the sources
-    orca compare tiny tiny-answers-only             final stages of recipes already run, with 95% CIs
+    orca compare tiny tiny-answers-only             final stages of recipes already run: paired difference, 95% CI
     orca teacher serve --recipe tiny --port 8000    the oracle teacher, OpenAI-compatible
 """
 
@@ -61,6 +62,10 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
         console.print(f"[red]error:[/red] --only {only!r}: choose generate, train or evaluate")
         raise typer.Exit(2)
     kwargs = {"retry_failed": retry_failed} if only in (None, "generate") else {}
+    refusal = pipeline.budget_refusal(resolved, list(steps_for(resolved)) if only is None else pipeline.parts(resolved)[only])
+    if refusal is not None:  # the flow refuses too (a dashboard run); here before Prefect starts
+        console.print(f"[red]refused: {refusal}[/red] (`orca plan` itemizes it)", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
     outcomes = flows[only](recipe=recipe, overrides=set_ or [], **kwargs)
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
     for column in ("step", "state", "why", "key", "rows", "seconds"):
@@ -115,11 +120,11 @@ def _print_table(rows: list[dict], title: str) -> None:
 @app.command("compare")
 def compare_cmd(recipes: Annotated[list[str], typer.Argument(help="Two or more recipes (names or YAML paths), each run already.")],
                 set_: SetOpt = None) -> None:
-    """Compare the final stages of recipes that have run (e.g. tiny vs tiny-answers-only), with 95% CIs."""
+    """Compare the final stages of recipes that have run (e.g. tiny vs tiny-answers-only): paired differences, 95% CIs."""
     import pandas as pd
 
     from orca_core.eval import findings
-    from orca_core.eval.evaluate import SUMMARY_FILE
+    from orca_core.eval.evaluate import EXAMPLES_FILE, SUMMARY_FILE
 
     if len(recipes) < 2:
         console.print("[red]error:[/red] give two or more recipes to compare")
@@ -128,27 +133,39 @@ def compare_cmd(recipes: Annotated[list[str], typer.Argument(help="Two or more r
     for ref in recipes:
         resolved = _load(ref, set_)
         store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
-        key = plan_key(steps_for(resolved)["report"], resolved)
-        if store.lookup("report", key) is None:
-            console.print(f"[red]error:[/red] recipe {resolved.name} has no report in {store.url()} yet: "
-                          f"run `orca run --recipe {ref}` first", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
-        summary = pd.read_parquet(store.local_dir(store.ref("report", key)) / SUMMARY_FILE)
         stage = resolved.curriculum.stages[-1].name
+        found = {step: store.lookup(step, plan_key(steps_for(resolved)[step], resolved)) for step in ("report", f"eval-{stage}")}
+        if None in found.values():
+            console.print(f"[red]error:[/red] recipe {resolved.name} has no {', '.join(s for s, r in found.items() if r is None)} "
+                          f"in {store.url()} yet: run `orca run --recipe {ref}` first", highlight=False, soft_wrap=True)
+            raise typer.Exit(1)
+        summary = pd.read_parquet(store.local_dir(found["report"]) / SUMMARY_FILE)
+        examples = pd.read_parquet(store.local_dir(found[f"eval-{stage}"]) / EXAMPLES_FILE, columns=findings.PAIRED_COLUMNS)
         row = findings.final_stage(summary, stage, resolved.eval.headline_system_message)
         rows.append({**row, "recipe": resolved.name, "hash": recipe_hash(resolved)[:12], "seed": resolved.seed,
-                     "system_message": resolved.eval.headline_system_message, "report": store.url("report", key)})
-    table = Table(title="final stages: macro accuracy, flexible extraction [95% CI]")
-    for column in ("recipe", "hash", "seed", "model", "system message", "accuracy", "examples", "vs first"):
+                     "system_message": resolved.eval.headline_system_message, "report": found["report"].url,
+                     "examples": examples, "samples": resolved.eval.bootstrap_samples})
+    first = rows[0]
+    table = Table(title="final stages: macro accuracy, flexible extraction [95% CI]; each vs the first, paired on the same items")
+    for column in ("recipe", "hash", "seed", "model", "system message", "accuracy", "examples", "vs first, pts [95% CI]", "call"):
         table.add_column(column)
+    warnings = []
     for i, r in enumerate(rows):
-        versus = "" if i == 0 else f"{100 * (r['accuracy'] - rows[0]['accuracy']):+.1f} pts, " + {
-            "separate": "CIs: above", "below": "CIs: below", "overlap": "CIs overlap"}[findings.compare(r, rows[0])]
+        step = {} if i == 0 else findings.paired(
+            r["examples"], first["examples"], (r["system_message"], first["system_message"]), samples=first["samples"],
+            seed=first["seed"], intersect=True, names=(r["recipe"], first["recipe"]))
         table.add_row(r["recipe"], r["hash"], str(r["seed"]), r["model"], r["system_message"],
-                      f"{100 * r['accuracy']:.1f} [{100 * r['low']:.1f}–{100 * r['high']:.1f}]", str(r["n"]), versus)
+                      f"{100 * r['accuracy']:.1f} [{100 * r['low']:.1f}–{100 * r['high']:.1f}]", str(r["n"]),
+                      findings.difference_cell(step["difference"], step["difference_low"], step["difference_high"])
+                      if step else "", step.get("vs", ""))
+        if step and (step["only_a"] or step["only_b"]):
+            warnings.append(f"{r['recipe']} vs {first['recipe']}: paired on the {step['pairs']} items both answered; "
+                            f"{step['only_a']} only in {r['recipe']}, {step['only_b']} only in {first['recipe']} (left out)")
     console.print(table)
-    if len({r["n"] for r in rows}) > 1 or len({r["system_message"] for r in rows}) > 1:
-        console.print("[yellow]note:[/yellow] the recipes differ in examples or system message: not like for like")
+    for warning in warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False, soft_wrap=True)
+    if len({r["system_message"] for r in rows}) > 1:
+        console.print("[yellow]note:[/yellow] the recipes' headline system messages differ: not like for like")
     for r in rows:
         console.print(f"{r['recipe']}: {r['report']}/report.md", highlight=False, soft_wrap=True)
 
@@ -215,6 +232,51 @@ def explain_cmd(step: str, recipe: RecipeOpt = "tiny", set_: SetOpt = None) -> N
         raise typer.Exit(2)
     store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
     console.print(explain(store, known[step], resolved).render(), highlight=False, markup=False)
+
+
+@app.command("plan")
+def plan_cmd(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
+             only: str = typer.Option(None, "--only", help="Plan one part: generate, train or evaluate."),
+             as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    """What a run would do, before it spends: every step's key, hit or miss, and the work of each miss.
+
+    Teacher requests net of the request cache with tokens, dollars and hours; optimizer steps and tokens
+    per stage; eval prompts per checkpoint. Sends nothing, builds nothing; exits 1 over teachers.max_cost_usd.
+    """
+    from orca_core.plan import make_plan, work_text
+
+    resolved = _load(recipe, set_)
+    names = None
+    if only is not None:
+        from flows.pipeline import parts
+
+        if only not in ("generate", "train", "evaluate"):
+            console.print(f"[red]error:[/red] --only {only!r}: choose generate, train or evaluate")
+            raise typer.Exit(2)
+        names = parts(resolved)[only]
+    plan = make_plan(resolved, names)
+    if as_json:
+        print(json.dumps(plan.to_json(), indent=2))
+    else:
+        table = Table(title=f"plan: recipe {plan.recipe} ({plan.recipe_hash[:12]}), store {plan.store}")
+        for column in ("step", "plan", "why", "key", "work"):
+            table.add_column(column, overflow="fold")
+        for s in plan.steps:
+            table.add_row(s.step, "[green]HIT[/green]" if s.status == "hit" else "[yellow]MISS[/yellow]", s.why,
+                          s.key[:12], work_text(s))
+        console.print(table)
+        rows = [{"step": t.step, "role": t.role, "model": t.model, "requests": f"{t.requests:,}", "cached": f"{t.cached:,}",
+                 "prompt tokens": f"{t.prompt_tokens:,} ({t.prompt_basis})",
+                 "completion tokens": f"{t.completion_tokens:,} ({t.completion_basis})",
+                 "$": f"{t.usd:,.4f}", "hours": f"{t.hours:.3f}", "note": t.note} for t in plan.teachers]
+        if rows:
+            _print_table(rows, "teacher requests to send (net of the request cache)")
+        misses = sum(s.status == "miss" for s in plan.steps)
+        console.print(f"{misses} of {len(plan.steps)} steps to run; {plan.requests:,} teacher requests, "
+                      f"${plan.usd:,.2f}, {plan.teacher_hours:.2f} h of teacher time", highlight=False)
+    if plan.over_budget:
+        Console(stderr=True).print(f"[red]over budget: {plan.budget_message()}[/red]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("lineage")
@@ -292,5 +354,16 @@ def teacher_serve(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
     serve(host=host, port=port, models=models, sources=sources, api_key=os.environ.get(key_env) if key_env else None)
 
 
+def main() -> None:
+    """The `orca` command: the app, with an unpinnable hub input reported as a one-line error naming the field."""
+    from orca_core.hub import HubPinError
+
+    try:
+        app()
+    except HubPinError as err:
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

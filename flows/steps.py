@@ -11,6 +11,7 @@ from typing import Any
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from orca_core.plan import reason
 from orca_core.recipe.models import Recipe
 from orca_core.steps import explain, steps_for
 from tasks.report import publish_report
@@ -19,16 +20,7 @@ from tasks.step import call_step, prefect_step, store_for
 
 def why(recipe: Recipe, step_name: str) -> str:
     """Why the step will hit or miss, in a few words (what `orca explain` says in full)."""
-    explanation = explain(store_for(recipe), steps_for(recipe)[step_name], recipe)
-    if explanation.status == "hit":
-        return "verified artifact with this key"
-    if explanation.status.startswith("corrupt"):
-        return f"artifact {explanation.status}: rebuilt"
-    if explanation.nearest is None:
-        return "no artifact yet"
-    changed = [path.removeprefix("config.") for path, _, _ in explanation.differences]
-    more = f" +{len(changed) - 2} more" if len(changed) > 2 else ""
-    return "changed: " + ", ".join(changed[:2]) + more
+    return reason(explain(store_for(recipe), steps_for(recipe)[step_name], recipe))
 
 
 def run_steps(recipe: Recipe, names: list[str], retry_failed: bool = False, summary_key: str = "orca-pipeline-summary") -> list[dict[str, Any]]:

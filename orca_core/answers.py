@@ -5,7 +5,9 @@ statement ("So the answer is X.", "Answer: X", "#### X", "\\boxed{X}"), so it
 also measures whether the model follows the answer format; `flexible` falls
 back to the last option or number the text mentions, so a terse or
 direct answer still counts. Multiple-choice answers are mapped onto the
-option they name (by letter or by text), so correctness compares options.
+option they name (by letter or by text), so correctness compares options. A
+letter names an option only in answer context ("(B)", "option B", "Answer: B",
+a line that is just "B"): "A change is ..." and "I think ..." name none.
 
 Procedural (reasoning-gym) rows are scored by their generator's own scorer,
 which knows the task's answer format (times, names, ciphers); everything else
@@ -31,7 +33,22 @@ _STATEMENTS = [
     ("\\boxed", re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")),
 ]
 _LETTER_LINE = ("(", re.compile(r"^\s*\(([A-Z])\)\s*\.?\s*$", re.MULTILINE))  # a lone "(B)" line, MC only
-_LETTER = re.compile(r"^\(?([A-Z])(?:[).:]|$)")
+# A capital letter names an option only in answer context: "A change is ..." and "I think ..." open
+# sentences with the article and the pronoun (BBH letters options up to R). After a context word the
+# letter must end its clause, so "Answer: A change ..." stays text.
+_CLAUSE_END = r"(?![\w'’-])(?=[ \t]*(?:$|[).:,;!?*])|\s+(?:because|since|as|and|or|is|was)\b)"
+_LETTER = re.compile(rf"^\(?([A-Z])(?:\)|{_CLAUSE_END})")  # the letter an answer statement's text starts with
+_LONE = r"[ \t*_`]*\(?([A-Z])\)?[ \t*_`]*[.:!]?[ \t*_`]*"  # "B", "B.", "(B)", "**B**"
+_LETTER_MENTION = re.compile(
+    rf"^{_LONE}$"  # a line that is only a letter
+    r"|(?<!\w)\(([A-Z])\)"  # "(B)" anywhere but in "P(A)"
+    r"|\*\*\(?([A-Z])\)?\*\*"  # "**B**"
+    r"|^[ \t]*([A-Z])\)"  # "B)" at a line start
+    rf"|(?i:\b(?:answer|option|choice|letter|choose|pick|select|go\s+with|is|be)\b)\s*[:=-]?\s*\**([A-Z]){_CLAUSE_END}"
+    r"|(?<![\w'’])([A-Z])\s+is\s+(?:the\s+)?(?i:correct|right|best|answer)\b",  # "B is correct"
+    re.MULTILINE,
+)
+_LONE_LETTER = re.compile(_LONE)
 _NUMBER = re.compile(r"(?<!\w)(?:-?\d+(?:,\d{3})+(?:\.\d+)?|-?\d+(?::\d{2})+|-?\d+(?:\.\d+)?)(?!\w)")
 _WRAPPERS = "\"'`*_$“”‘’"
 
@@ -63,33 +80,57 @@ def normalize(text: str) -> str:
 
 
 @lru_cache(maxsize=4096)  # MC rows reuse a few option sets
-def _option_pattern(options: tuple[str, ...]) -> re.Pattern[str]:
-    """Any option as a whole word (longest first, so 'mother-in-law' beats 'mother'), or '(B)'."""
+def _option_pattern(options: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Any option's text as a whole word (longest first, so 'mother-in-law' beats 'mother')."""
     texts = sorted((o for o in options if o.strip()), key=lambda o: (-len(o), o))
-    alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts] + [r"\([A-Z]\)"]
-    return re.compile("|".join(alternatives), re.IGNORECASE)
+    alternatives = [rf"(?<!\w){re.escape(o)}(?!\w)" for o in texts]
+    return re.compile("|".join(alternatives), re.IGNORECASE) if alternatives else None
 
 
-def _option_of(mention: str, options: Sequence[str]) -> str | None:
-    """The option a mention names: its exact text, or its letter."""
-    for option in options:
+def lone_letter(text: str) -> str | None:
+    """The letter a text consists of ("B", "(B).", "**B**"), or None."""
+    match = _LONE_LETTER.fullmatch(text.strip())
+    return match.group(1) if match else None
+
+
+def _mentions(text: str, options: Sequence[str]) -> list[tuple[int, str]]:
+    """Where `text` names an option, in order: (position, the option's text as written, or "(B)")."""
+    pattern = _option_pattern(tuple(options))
+    found = [(m.start(), m.group(0)) for m in pattern.finditer(text)] if pattern else []
+    for m in _LETTER_MENTION.finditer(text):
+        group = m.lastindex or 0  # each alternative captures just the letter
+        if ord(m.group(group)) - 65 < len(options):  # "(E)" with four options names none
+            found.append((m.start(group), f"({m.group(group)})"))
+    return sorted(found)
+
+
+def _index_of(mention: str, options: Sequence[str]) -> int | None:
+    """The index of the option a mention names: by its exact text, or by its letter."""
+    for index, option in enumerate(options):
         if normalize(option) == normalize(mention):
-            return option
+            return index
     letter = _LETTER.match(mention.strip())
     if letter and ord(letter.group(1)) - 65 < len(options):
-        return options[ord(letter.group(1)) - 65]
+        return ord(letter.group(1)) - 65
     return None
 
 
-def to_option(answer: str, options: Sequence[str]) -> str:
-    """An MC answer as the option it names (letter, exact text, or the one option it contains)."""
-    if not options:
-        return answer
-    named = _option_of(answer, options)
+def option_index(answer: str, options: Sequence[str]) -> int | None:
+    """The index of the option an MC answer names (letter, exact text, or the one option it contains).
+
+    An index, not a text: a letter must keep naming its own option where two options read the same.
+    """
+    named = _index_of(answer, options)
     if named is not None:
         return named
-    mentioned = {_option_of(m.group(0), options) for m in _option_pattern(tuple(options)).finditer(answer)} - {None}
-    return mentioned.pop() if len(mentioned) == 1 else answer
+    mentioned = {_index_of(mention, options) for _, mention in _mentions(answer, options)} - {None}
+    return mentioned.pop() if len(mentioned) == 1 else None
+
+
+def to_option(answer: str, options: Sequence[str]) -> str:
+    """An MC answer as the option it names, or as it is if it names none (or there are no options)."""
+    index = option_index(answer, options) if options else None
+    return answer if index is None else options[index]
 
 
 def _strict(text: str, options: Sequence[str]) -> str | None:
@@ -103,10 +144,9 @@ def _strict(text: str, options: Sequence[str]) -> str | None:
 
 
 def _flexible(text: str, options: Sequence[str]) -> str | None:
-    if options:
-        mentions = list(_option_pattern(tuple(options)).finditer(text))
-        if mentions:
-            return mentions[-1].group(0)
+    if options:  # the last option named; a last line naming none is no option ("A: ..." is not A)
+        mentions = _mentions(text, options)
+        return mentions[-1][1] if mentions else None
     lines = [clean(line) for line in text.splitlines() if clean(line)]
     if not lines:
         return None
@@ -121,7 +161,10 @@ def extract(text: str, options: Sequence[str] = (), map_options: bool = True) ->
     (evaluation maps to letters itself: an option whose text is "B" must not pass for letter B).
     """
     strict = _strict(text, options)
-    flexible = strict if strict is not None else _flexible(text, options)
+    # A statement naming no option ("the answer is to number 8" in an echoed question) leaves the lenient
+    # reader free to find one elsewhere.
+    names_option = strict is not None and (not options or option_index(strict, options) is not None)
+    flexible = strict if names_option else (_flexible(text, options) or strict)
     if options and map_options:
         strict = to_option(strict, options) if strict is not None else None
         flexible = to_option(flexible, options) if flexible is not None else None

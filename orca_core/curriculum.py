@@ -20,10 +20,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from orca_core.generate import TRACES_FILE, StepContext
-from orca_core.keys import file_sha256
+from orca_core.context import StepContext
 from orca_core.recipe.models import Recipe, StageConfig
 from orca_core.sources import TRAIN_FILE
+from orca_core.traces import TRACES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +46,12 @@ def tokenizer_upstream(recipe: Recipe) -> tuple[str, ...]:
 
 
 def tokenizer_reads(recipe: Recipe) -> dict[str, Any]:
-    cfg = recipe.model.tokenizer.model_dump(mode="json")
+    cfg = recipe.model.tokenizer.model_dump(mode="json", exclude={"revision"})
     if recipe.model.tokenizer.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
         cfg["path"] = "<local folder>"  # its files' hashes are the input
+    elif (commit := recipe.model.tokenizer.hub_commit()) is not None:
+        cfg["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
     return {"tokenizer": cfg}
-
-
-def folder_hashes(path: str | None) -> dict[str, str]:
-    folder = Path(path or "").expanduser()
-    if not path or not folder.is_dir():
-        return {}
-    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
@@ -64,7 +59,7 @@ def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: S
 
     cfg = recipe.model.tokenizer
     if cfg.kind == "pretrained":
-        tok = tokenizer.prepare_pretrained(cfg.path, out)
+        tok = tokenizer.prepare_pretrained(cfg.path, out, revision=cfg.hub_commit())
     else:
         traces = [pq.read_table(upstream[name] / TRACES_FILE) for name in ("filtered-orca1", "filtered-orca2")]
         corpus = tokenizer.tokenizer_corpus(pq.read_table(upstream["sources"] / TRAIN_FILE), traces)
@@ -74,9 +69,11 @@ def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: S
 
 # -- base model -------------------------------------------------------------------------
 def base_model_reads(recipe: Recipe) -> dict[str, Any]:
-    cfg = recipe.model.model_dump(mode="json", exclude={"tokenizer"})
+    cfg = recipe.model.model_dump(mode="json", exclude={"tokenizer", "revision"})
     if recipe.model.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
         cfg["path"] = "<local folder>"
+    elif (commit := recipe.model.hub_commit()) is not None:
+        cfg["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
     return {"model": cfg, "seed": recipe.seed}
 
 

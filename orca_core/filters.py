@@ -3,7 +3,9 @@
 Orca trains only on answers worth imitating: failed, empty, truncated or
 refused calls teach nothing; a wrong final answer teaches a wrong method
 (Orca 2 keeps only traces that match the gold answer where one can be
-checked); a prompt that appears in an evaluation set would leak it; and
+checked: numbers, options, labels, generator-scored rows; a free-form gold,
+a title or a summary, is kept unchecked and counted); a prompt that appears
+in an evaluation set would leak it; and
 repeated or near-repeated traces over-weight one example. Every row keeps
 its place and gets a verdict, "kept" or "dropped:<reason>", so the reasons
 can be counted and audited; the first check that fires names the reason.
@@ -20,6 +22,8 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -27,13 +31,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasketch import MinHash, MinHashLSH
 
-from orca_core.answers import extract, is_correct
+from orca_core.answers import as_number, clean, extract, is_correct, normalize
 from orca_core.recipe.models import FiltersConfig
 from orca_core.traces import TRACE_SCHEMA
 
 NUM_PERM, MINHASH_SEED, SHINGLE = 128, 1, 3
 BATCH_ROWS = 20_000
-TEMPLATE_TEXTS = 3  # an n-gram in this many evaluation texts is template, not content
+TEMPLATE_TEXTS = 3  # an n-gram in this many distinct evaluation passages (or prompts) is template, not content
+# A task's golds form a label set (sentiment, NLI, topic: gradable by equality) when it has at most
+# LABEL_SET_MAX distinct answers and LABEL_SET_ROWS rows per distinct answer; titles, translations
+# and summaries are nearly all distinct, so a free-form task never qualifies.
+LABEL_SET_MAX, LABEL_SET_ROWS = 20, 5
+CLOSED_LABELS = frozenset({"yes", "no", "true", "false"})
 REFUSAL_HEAD = 200  # a refusal opens the response; later "I cannot ..." is usually reasoning
 _APOSTROPHE = "(?:'|’)"
 REFUSAL = "|".join([
@@ -45,6 +54,8 @@ REFUSAL = "|".join([
 ])
 _WORD = re.compile(r"\w+")
 _TOKEN = re.compile(r"\w+|[^\w\s]")  # shingles keep operators: "2 + 3" and "2 * 3" differ
+_OPTION_LETTER = re.compile(r"\(?[A-Z]\)?")
+_NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial n-gram hash below wraps mod 2**64
 _LATE_COLUMNS = ["source_id", "stage", "teacher_role", "student_system", "user", "reference", "response"]
 
 
@@ -68,19 +79,50 @@ def _cheap_checks(traces: pa.Table, cfg: FiltersConfig) -> Iterator[tuple[str, n
 
 
 def _source_lookup(sources: pa.Table) -> dict[str, dict[str, Any]]:
-    columns = ["id", "inputs", "options", "generator", "metadata"]
+    columns = ["id", "inputs", "options", "multiple_choice", "generator", "metadata", "task_name"]
     return {row["id"]: row for row in sources.select(columns).to_pylist()}
 
 
-def _wrong_answer(response: str, gold: str | None, source: dict[str, Any] | None) -> bool:
-    """Whether the gold is checkable and the response's (flexible) answer misses it."""
-    source = source or {}
-    options, generator = source.get("options") or [], source.get("generator") or ""
-    if gold is None or not (generator or options or len(gold.split()) <= 5):
-        return False
-    answer = extract(response, options).flexible
-    return not is_correct(answer, gold, options=options, generator=generator,
-                          metadata=source.get("metadata") or "{}", question=source.get("inputs") or "")
+def label_set_tasks(sources: pa.Table) -> set[str]:
+    """Tasks whose golds take at most LABEL_SET_MAX values, each over LABEL_SET_ROWS rows on average."""
+    answers = pc.utf8_lower(pc.utf8_trim_whitespace(pc.fill_null(sources["answer"], "")))
+    counts = pa.table({"task": sources["task_name"], "answer": answers}).group_by("task").aggregate(
+        [("answer", "count_distinct"), ("answer", "count")])
+    distinct, rows = counts["answer_count_distinct"], counts["answer_count"]
+    small = pc.and_(pc.less_equal(distinct, LABEL_SET_MAX),
+                    pc.greater_equal(rows, pc.multiply(distinct, LABEL_SET_ROWS)))
+    return set(counts.filter(small)["task"].to_pylist())
+
+
+class _GoldCheck:
+    """Grades a trace's final answer where the scorer can: "right", "wrong", "unchecked" or None (no gold).
+
+    Gradable golds: rows with options or a generator (scored by it), numbers, option letters,
+    yes/no/true/false, and the golds of label-set tasks. Anything else is free-form text that
+    equality would fail on a correct paraphrase, so it is left unchecked.
+    """
+
+    def __init__(self, sources: pa.Table):
+        self.lookup = _source_lookup(sources)
+        self.labels = label_set_tasks(sources)
+
+    def gradable(self, gold: str, source: dict[str, Any]) -> bool:
+        if source.get("generator") or source.get("options") or source.get("multiple_choice"):
+            return True
+        return (source.get("task_name") in self.labels or as_number(gold) is not None
+                or normalize(gold) in CLOSED_LABELS or _OPTION_LETTER.fullmatch(clean(gold)) is not None)
+
+    def __call__(self, response: str, gold: str | None, source_id: str | None) -> str | None:
+        if gold is None:
+            return None
+        source = self.lookup.get(source_id) or {}
+        if not self.gradable(gold, source):
+            return "unchecked"
+        options, generator = source.get("options") or [], source.get("generator") or ""
+        answer = extract(response, options).flexible
+        right = is_correct(answer, gold, options=options, generator=generator,
+                           metadata=source.get("metadata") or "{}", question=source.get("inputs") or "")
+        return "right" if right else "wrong"
 
 
 def _squash(text: str) -> str:
@@ -88,30 +130,93 @@ def _squash(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def _ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+@dataclass(frozen=True)
+class EvalText:
+    """An evaluation prompt, the (benchmark, task) group it belongs to, and the passage it quotes, if known."""
+
+    text: str
+    group: str = ""  # "<benchmark>/<task>": an n-gram in two groups is template text
+    passage: str = ""  # DROP's passage, RACE's article, AGIEval's passage: shared by several prompts
+
+
+@lru_cache(maxsize=1 << 20)
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+
+
+def _ngram_hashes(text: str, n: int) -> np.ndarray:
+    """The distinct word n-grams of `text` as 64-bit hashes (stable across processes)."""
     words = _WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    if len(words) < n:
+        return np.empty(0, np.uint64)
+    values = np.fromiter((_word_hash(w) for w in words), np.uint64, len(words))
+    hashes = np.zeros(len(words) - n + 1, np.uint64)
+    for j in range(n):
+        hashes = hashes * _NGRAM_BASE + values[j:j + len(hashes)]
+    return np.unique(hashes)
+
+
+def _content_ngrams(texts: Sequence[EvalText], n: int) -> np.ndarray:
+    """Sorted hashes of the n-grams that are content: in under TEMPLATE_TEXTS units, all of one group.
+
+    A unit is a distinct passage (or, where none is known, a distinct prompt): a DROP passage
+    asked about 14 times is one unit, so its n-grams stay content, while a task's instruction
+    ("Answer the question based on the passage") recurs across units and is template; so is an
+    n-gram that two groups share. A unit belongs to the group that first shows it.
+    """
+    units: dict[str, int] = {}
+    groups: dict[str, int] = {}
+    unit_group: list[int] = []
+    hashes, owners = [], []
+    for item in {(t.text, t.group, t.passage): t for t in texts}.values():
+        unit = units.setdefault(_squash(item.passage or item.text), len(units))
+        if unit == len(unit_group):
+            unit_group.append(groups.setdefault(item.group, len(groups)))
+        grams = _ngram_hashes(item.text, n)
+        hashes.append(grams)
+        owners.append(np.full(len(grams), unit, np.int64))
+    if not hashes:
+        return np.empty(0, np.uint64)
+    gram, unit = np.concatenate(hashes), np.concatenate(owners)
+    order = np.lexsort((unit, gram))
+    gram, unit = gram[order], unit[order]
+    first = np.ones(len(gram), bool)
+    first[1:] = (gram[1:] != gram[:-1]) | (unit[1:] != unit[:-1])
+    gram, unit = gram[first], unit[first]  # one (n-gram, unit) pair per unit that has it
+    if not len(gram):
+        return gram
+    starts = np.flatnonzero(np.r_[True, gram[1:] != gram[:-1]])
+    group = np.asarray(unit_group, np.int64)[unit]
+    n_units = np.diff(np.r_[starts, len(gram)])
+    one_group = np.minimum.reduceat(group, starts) == np.maximum.reduceat(group, starts)
+    return gram[starts][(n_units < TEMPLATE_TEXTS) & one_group]
 
 
 class _Contamination:
     """Word n-gram overlap with evaluation texts, or equality for prompts too short to share one.
 
-    An n-gram found in TEMPLATE_TEXTS or more evaluation texts is the task's template
-    ("Your task is to count how many legs there are in total when given a list of
-    animals"), shared by every train question of the family too, so it is ignored.
+    Template n-grams (see `_content_ngrams`: "Your task is to count how many legs there are in
+    total when given a list of animals") are shared by every train question of the family too,
+    so they are ignored; a passage's n-grams count however many questions it serves.
     """
 
-    def __init__(self, texts: Sequence[str], n: int, exact_texts: Sequence[str] = ()):
+    def __init__(self, texts: Sequence[str | EvalText], n: int, exact_texts: Sequence[str] = ()):
         self.n = n
-        ngram_texts = {_squash(t) for t in texts}
-        self.exact = ngram_texts | {_squash(t) for t in exact_texts}
-        counts = Counter(gram for text in ngram_texts for gram in _ngrams(text, n))
-        self.grams = {gram for gram, count in counts.items() if count < TEMPLATE_TEXTS}
+        items = [t if isinstance(t, EvalText) else EvalText(t) for t in texts]
+        self.exact = {_squash(t.text) for t in items} | {_squash(t) for t in exact_texts}
+        self.grams = _content_ngrams(items, n)
         self.seen: dict[str, bool] = {}  # many traces share one prompt
+
+    def _overlaps(self, user: str) -> bool:
+        if not len(self.grams):
+            return False
+        grams = _ngram_hashes(user, self.n)
+        at = np.searchsorted(self.grams, grams).clip(max=len(self.grams) - 1)
+        return bool(np.any(self.grams[at] == grams))
 
     def __call__(self, user: str) -> bool:
         if user not in self.seen:
-            self.seen[user] = _squash(user) in self.exact or not self.grams.isdisjoint(_ngrams(user, self.n))
+            self.seen[user] = _squash(user) in self.exact or self._overlaps(user)
         return self.seen[user]
 
 
@@ -150,33 +255,43 @@ class _NearDuplicates:
         return False
 
 
-def _stats(traces: pa.Table, verdicts: np.ndarray) -> dict[str, Any]:
-    def summary(values: Sequence[str]) -> dict[str, Any]:
-        counts = Counter(values)
-        dropped = {v.removeprefix("dropped:"): c for v, c in sorted(counts.items()) if v != "kept"}
-        return {"total": len(values), "kept": counts["kept"], "dropped": dropped}
+def _stats(traces: pa.Table, verdicts: np.ndarray, unchecked: np.ndarray) -> dict[str, Any]:
+    """Counts per reason, overall and per (stage, role); `unchecked`: kept rows whose free-form gold was not graded."""
+    kept_unchecked = (verdicts == "kept") & unchecked
 
-    groups: dict[str, list[str]] = {}
-    for stage, role, verdict in zip(traces["stage"].to_pylist(), traces["teacher_role"].to_pylist(), verdicts):
-        groups.setdefault(f"{stage}/{role}", []).append(verdict)
-    return {**summary(list(verdicts)), "by_stage_role": {k: summary(v) for k, v in sorted(groups.items())}}
+    def summary(rows: np.ndarray) -> dict[str, Any]:
+        counts = Counter(verdicts[rows].tolist())
+        dropped = {v.removeprefix("dropped:"): c for v, c in sorted(counts.items()) if v != "kept"}
+        return {"total": int(rows.size), "kept": counts["kept"], "dropped": dropped,
+                "unchecked": int(np.count_nonzero(kept_unchecked[rows]))}
+
+    groups: dict[str, list[int]] = {}
+    for i, (stage, role) in enumerate(zip(traces["stage"].to_pylist(), traces["teacher_role"].to_pylist())):
+        groups.setdefault(f"{stage}/{role}", []).append(i)
+    tasks = traces["task_name"].take(np.flatnonzero(kept_unchecked)).to_pylist()
+    return {**summary(np.arange(len(verdicts))),
+            "by_stage_role": {k: summary(np.asarray(v)) for k, v in sorted(groups.items())},
+            "unchecked_by_task": dict(sorted(Counter(tasks).items()))}
 
 
 class _LateChecks:
     """The checks that need each row in Python, in order; dedup ones remember kept rows."""
 
-    def __init__(self, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str],
+    def __init__(self, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str | EvalText],
                  exact_texts: Sequence[str] = ()):
-        self.lookup = _source_lookup(sources) if cfg.gold_check else None
+        self.gold = _GoldCheck(sources) if cfg.gold_check else None
+        self.unchecked: list[int] = []  # rows whose gold is free-form text
         self.contaminated = (_Contamination(contamination_texts, cfg.contamination_ngram, exact_texts)
                              if cfg.contamination_ngram is not None else None)
         self.seen: set[bytes] | None = set() if cfg.exact_dedup else None
         self.near = None if cfg.near_dup_threshold is None else _NearDuplicates(cfg.near_dup_threshold)
 
     def reason(self, index: int, row: dict[str, Any]) -> str | None:
-        if self.lookup is not None and _wrong_answer(row["response"], row["reference"],
-                                                     self.lookup.get(row["source_id"])):
+        graded = self.gold(row["response"], row["reference"], row["source_id"]) if self.gold is not None else None
+        if graded == "wrong":
             return "wrong_answer"
+        if graded == "unchecked":
+            self.unchecked.append(index)
         if self.contaminated is not None and self.contaminated(row["user"] or ""):
             return "contaminated"
         key = _exact_key(row) if self.seen is not None else None
@@ -191,12 +306,13 @@ class _LateChecks:
 
 
 def filter_traces(
-    traces: pa.Table, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str] = (),
+    traces: pa.Table, cfg: FiltersConfig, sources: pa.Table, contamination_texts: Sequence[str | EvalText] = (),
     exact_texts: Sequence[str] = (),
 ) -> tuple[pa.Table, dict[str, Any]]:
     """The same rows in the same order with `verdict` set on each, and counts per reason.
 
-    contamination_texts: evaluation items, checked by word n-gram overlap and by equality.
+    contamination_texts: evaluation items (`EvalText`s, or bare prompts: one group, no passages),
+    checked by word n-gram overlap and by equality.
     exact_texts: items checked by equality only (the procedural held-out split: its family
     templates are shared with train by design, and the splits are already disjoint by question).
     """
@@ -214,5 +330,7 @@ def filter_traces(
             reason = checks.reason(i, {c: values[j] for c, values in columns.items()})
             verdicts[i] = f"dropped:{reason}" if reason else "kept"
 
+    unchecked = np.zeros(traces.num_rows, bool)
+    unchecked[checks.unchecked] = True
     table = traces.set_column(TRACE_SCHEMA.get_field_index("verdict"), "verdict", pa.array(verdicts, pa.string()))
-    return table, _stats(traces, verdicts)
+    return table, _stats(traces, verdicts, unchecked)

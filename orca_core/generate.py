@@ -1,4 +1,4 @@
-"""The data-generation steps: strategy selection, Orca 1 / Orca 2 traces, filters.
+"""The data-generation steps that ask teachers: strategy selection, Orca 1 / Orca 2 traces (filters: `filter_step`).
 
 Each `build_*` has the step signature (recipe, upstream folders, out folder,
 context) and writes Parquet into `out`. Teacher calls go through
@@ -12,7 +12,6 @@ import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,34 +20,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from orca_core.answers import extract, is_correct
-from orca_core.filters import filter_traces
+from orca_core.context import StepContext
 from orca_core.keys import canonical_json, sha256_text
 from orca_core.prompts import PROMPTS_VERSION, STRATEGIES, orca1_data
 from orca_core.recipe.models import Recipe, TeacherEndpoint
 from orca_core.sources import HELDOUT_FILE, TRAIN_FILE
 from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, assemble
 from orca_core.teacher.jobs import orca1_jobs, orca2_jobs, selection_jobs
-from orca_core.teacher.runner import FanoutRunner
-from orca_core.traces import RequestCache
+from orca_core.traces import SELECTION_FILE, STRATEGIES_FILE, TRACES_FILE, RequestCache
 
 log = logging.getLogger(__name__)
-
-TRACES_FILE, STRATEGIES_FILE, SELECTION_FILE = "traces.parquet", "strategies.parquet", "selection_traces.parquet"
-
-
-@dataclass
-class StepContext:
-    """What a step may need from outside orca_core: a fan-out runner, the request cache, progress output."""
-
-    fanout: FanoutRunner | None = None
-    request_cache: Path | None = None
-    trainer: Callable[[Any, Path | None], dict[str, Any]] | None = None  # (TrainJob, resume checkpoint) -> summary
-    work_root: Path | None = None  # <store>/.train-work: per-step folders that survive retries
-    work_dir: Path | None = None  # this step's folder under work_root (set by run_step)
-    sink: Callable[[int, int, str], None] = lambda done, total, line: log.info(line)
-    retry_failed: bool = False
-    notes: dict[str, Any] = field(default_factory=dict)
-
 
 # -- what the trace keys read -------------------------------------------------------
 def prompts_digest() -> str:
@@ -107,22 +88,32 @@ def strategy_candidates() -> list[str]:
 
 def build_strategies(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     """Task -> strategy: from the recipe, or (`auto`) the best of all strategies on k gold-labelled samples."""
-    p = recipe.prompts
     rows = _train_rows(upstream["sources"])
     tasks = sorted({r["task_name"] for r in rows})
-    wanted = {t: p.strategies.get(t, p.default_strategy) for t in tasks}
+    wanted = wanted_strategies(recipe, tasks)
     auto = [t for t, s in wanted.items() if s == "auto"]
     table_rows = [{"task_name": t, "strategy": s, "chosen": True, "accuracy": None, "n": 0, "how": "recipe"}
                   for t, s in wanted.items() if s != "auto"]
     stats: dict[str, Any] = {"tasks": len(tasks), "auto": len(auto)}
     if auto:
-        samples = _selection_samples(rows, auto, p.selection_samples, recipe.seed)
-        plan = _plan(lambda: selection_jobs(samples, recipe, strategy_candidates()), {"strong": recipe.teachers.strong})
+        samples, plan = selection_fanout(recipe, rows, auto)
         stats["fanout"] = _run_fanout(plan, ctx, upstream["sources"], out / SELECTION_FILE)
         table_rows += score_selection(pq.read_table(out / SELECTION_FILE), samples)
     pq.write_table(pa.Table.from_pylist(table_rows), out / STRATEGIES_FILE)
     stats["chosen"] = {r["task_name"]: r["strategy"] for r in table_rows if r["chosen"]}
     return {"tasks": len(tasks), "candidates": len(table_rows)}, stats
+
+
+def wanted_strategies(recipe: Recipe, tasks: list[str]) -> dict[str, str]:
+    """Task -> the recipe's strategy for it ("auto": the best on gold-labelled samples)."""
+    p = recipe.prompts
+    return {t: p.strategies.get(t, p.default_strategy) for t in tasks}
+
+
+def selection_fanout(recipe: Recipe, rows: list[dict], auto: list[str]) -> tuple[list[dict], FanoutPlan]:
+    """The samples of the `auto` tasks and the fan-out that tries every candidate strategy on them."""
+    samples = _selection_samples(rows, auto, recipe.prompts.selection_samples, recipe.seed)
+    return samples, _plan(lambda: selection_jobs(samples, recipe, strategy_candidates()), {"strong": recipe.teachers.strong})
 
 
 def _selection_samples(rows: list[dict], tasks: list[str], k: int, seed: int) -> list[dict]:
@@ -162,36 +153,30 @@ def score_selection(traces: pa.Table, samples: list[dict]) -> list[dict]:
 
 
 # -- traces ----------------------------------------------------------------------------------
+# The fan-outs are functions of (recipe, upstream folders): the steps run them, `orca plan` prices them.
+def orca1_fanout(recipe: Recipe, sources: Path) -> FanoutPlan:
+    endpoints = {"assistant": recipe.teachers.assistant, "strong": recipe.teachers.strong}
+    return _plan(lambda: orca1_jobs(_stream_rows(sources), recipe), endpoints)
+
+
+def chosen_strategies(strategies: Path) -> dict[str, str]:
+    """Task -> strategy, as the strategies artifact chose."""
+    chosen = pq.read_table(strategies / STRATEGIES_FILE).filter(pc.field("chosen"))
+    return dict(zip(chosen["task_name"].to_pylist(), chosen["strategy"].to_pylist()))
+
+
+def orca2_fanout(recipe: Recipe, sources: Path, strategy_of: dict[str, str]) -> FanoutPlan:
+    return _plan(lambda: orca2_jobs(_stream_rows(sources), recipe, strategy_of), {"strong": recipe.teachers.strong})
+
+
 def build_orca1_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     sources = upstream["sources"]
-    endpoints = {"assistant": recipe.teachers.assistant, "strong": recipe.teachers.strong}
-    stats = _run_fanout(_plan(lambda: orca1_jobs(_stream_rows(sources), recipe), endpoints), ctx, sources, out / TRACES_FILE)
+    stats = _run_fanout(orca1_fanout(recipe, sources), ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats
 
 
 def build_orca2_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     sources = upstream["sources"]
-    chosen = pq.read_table(upstream["strategies"] / STRATEGIES_FILE).filter(pc.field("chosen"))
-    strategy_of = dict(zip(chosen["task_name"].to_pylist(), chosen["strategy"].to_pylist()))
-    plan = _plan(lambda: orca2_jobs(_stream_rows(sources), recipe, strategy_of), {"strong": recipe.teachers.strong})
+    plan = orca2_fanout(recipe, sources, chosen_strategies(upstream["strategies"]))
     stats = _run_fanout(plan, ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats
-
-
-# -- filters -----------------------------------------------------------------------------------
-def build_filtered(traces_step: str, benchmark_texts: Callable[[Recipe], list[str]] = lambda recipe: []) -> Callable:
-    """The filter step over `traces_step`; `benchmark_texts(recipe)`: eval items to decontaminate against."""
-
-    def build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-        sources = upstream["sources"]
-        source_table = pa.concat_tables([pq.read_table(sources / TRAIN_FILE), pq.read_table(sources / HELDOUT_FILE)])
-        heldout = pq.read_table(sources / HELDOUT_FILE)["inputs"].to_pylist()
-        traces = pq.read_table(upstream[traces_step] / TRACES_FILE)
-        # Held-out prompts by equality (n-grams would flag the shared family templates); the real
-        # evaluation benchmarks' items by n-gram overlap and equality.
-        filtered, stats = filter_traces(traces, recipe.filters, source_table,
-                                        contamination_texts=benchmark_texts(recipe), exact_texts=heldout)
-        pq.write_table(filtered, out / TRACES_FILE, compression="zstd")
-        return {"traces": filtered.num_rows, "kept": stats["kept"]}, stats
-
-    return build

@@ -1,10 +1,12 @@
 """Step keys: the content address of every artifact.
 
-key = sha256(canonical JSON of {step, version, config, upstream, inputs})
+key = sha256(canonical JSON of {step, version, config, upstream, inputs, code})
 
 - `config`: the recipe fields the step reads (and nothing else),
 - `upstream`: the keys of the artifacts it consumes,
-- `inputs`: sha256 of the content of any input file (data, tokenizer, ...).
+- `inputs`: sha256 of the content of any input file (data, tokenizer, ...),
+- `code`: digests of the project modules that build it and the versions of the
+  libraries whose output lands in it (`code_digest`).
 
 Never output paths, timestamps or run ids: the same inputs give the same key
 on any machine, in any process, on any day.
@@ -18,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-KEY_SCHEMA = 1  # bump only if the key recipe itself changes (invalidates every cache)
+KEY_SCHEMA = 2  # 2: keys hold the code that builds the artifact; bump only if the key recipe itself changes (invalidates every cache)
 
 
 def canonical_json(obj: Any) -> str:
@@ -38,12 +40,21 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def folder_hashes(path: str | Path | None) -> dict[str, str]:
+    """sha256 of every file under a folder, by relative path ({} when there is no such folder)."""
+    folder = Path(path or "").expanduser()
+    if not path or not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def key_components(
     step: str,
     version: int,
     config: Mapping[str, Any],
     upstream: Mapping[str, str] | None = None,
     inputs: Mapping[str, str] | None = None,
+    code: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a step's output depends on, as plain JSON (this is `key.json`)."""
     components = {
@@ -53,6 +64,7 @@ def key_components(
         "config": dict(config),
         "upstream": dict(upstream or {}),
         "inputs": dict(inputs or {}),
+        "code": dict(code or {}),
     }
     canonical_json(components)  # fail now, with the offending value, if it is not plain JSON
     return components

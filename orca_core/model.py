@@ -1,7 +1,8 @@
 """Stage 0 of the curriculum: the model the first stage starts from, as a self-describing HF folder.
 
 The tiny recipe trains a random-init Llama from scratch; Orca 2 starts from a
-local pretrained checkpoint (Llama-2), whose embeddings grow to take the
+pretrained checkpoint (Llama-2: a local folder, or a hub name loaded at the
+commit its step is keyed on, orca_core/hub.py), whose embeddings grow to take the
 tokenizer's new ChatML tokens. Either way the folder carries its tokenizer and
 a greedy generation config that stops at the end of a turn (the tokenizer's eos,
 `<|im_end|>`), so training, export and evaluation load it with the Auto classes
@@ -49,7 +50,8 @@ def build_base_model(model_cfg: ModelConfig, tokenizer_dir: Path, out_dir: Path,
         )
         model = LlamaForCausalLM(config).to(torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, revision=model_cfg.hub_commit(),
+                                                     dtype=torch.float32)
         model.resize_token_embeddings(len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
         model.config.eos_token_id = tokenizer.eos_token_id

@@ -6,7 +6,9 @@ key that the CLI explains is the key the flow uses. Keys are derivable from
 the recipe alone (upstream keys are computed, not looked up), so a whole
 plan of keys exists before anything runs.
 
-Bump a step's `version` whenever its code changes what it writes.
+A step's key holds the digest of the code its builder reaches (`code_digest`): an edit
+that changes behaviour invalidates exactly the steps that reach the edited module. Bump a
+step's `version` for what that digest cannot see (a library's behaviour).
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from orca_core import curriculum, generate
+from orca_core.eval import specs as eval_specs
 from orca_core.eval import steps as evaluation
-from orca_core.generate import StepContext
-from orca_core.keys import canonical_json, diff_components, file_sha256, key_components, sha256_text, step_key
+from orca_core.context import StepContext
+from orca_core.filter_step import build_filtered
+from orca_core.code_digest import code_components, function_entries
+from orca_core.keys import (canonical_json, diff_components, file_sha256, folder_hashes, key_components, sha256_text,
+                            step_key)
 from orca_core.provenance import provenance
 from orca_core.recipe.models import Recipe
-from orca_core.sources import build_sources
+from orca_core.sources import build_sources_step
 from orca_core.sources import flan as flan_source
 from orca_core.sources import procedural
 from orca_core.sources.procedural import reasoning_gym_version
@@ -45,9 +51,16 @@ class Step:
     build: BuildFn  # (recipe, upstream artifact folders, output folder, context) -> (rows, stats)
     inputs: Callable[[Recipe], dict[str, Any]] = lambda recipe: {}  # content hashes of input files
     upstream: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]] = field(default=())
+    # Code that shapes the artifact but that the builder does not import: "module" or "module:function"
+    # (a child process's module, the trainer the flow passes in, the oracle server).
+    code: tuple[str, ...] | Callable[[Recipe], tuple[str, ...]] = field(default=())
 
     def upstream_of(self, recipe: Recipe) -> tuple[str, ...]:
         return self.upstream(recipe) if callable(self.upstream) else self.upstream
+
+    def code_entries(self, recipe: Recipe) -> list[str]:
+        extra = self.code(recipe) if callable(self.code) else self.code
+        return [*function_entries(self.build), *extra]
 
 
 # -- sources ---------------------------------------------------------------------
@@ -61,6 +74,10 @@ def _sources_reads(recipe: Recipe) -> dict[str, Any]:
         cfg["flan"].pop("paths")  # file paths never enter a key: their content hashes do
         if Path(cfg["flan"]["dataset"] or "").expanduser().is_dir():
             cfg["flan"]["dataset"] = "<local folder>"
+        if (commit := recipe.sources.flan.hub_commit()) is not None:
+            cfg["flan"]["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
+        else:
+            cfg["flan"].pop("revision")  # local data: keyed by content
     return {"sources": cfg}
 
 
@@ -68,21 +85,26 @@ def _sources_inputs(recipe: Recipe) -> dict[str, Any]:
     return {"flan_files": flan_source.input_hashes(recipe.sources.flan)} if recipe.sources.flan else {}
 
 
-def _sources_build(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
-    return build_sources(recipe.sources, out)
-
-
-SOURCES = Step("sources", version=1, reads=_sources_reads, build=_sources_build, inputs=_sources_inputs)
+SOURCES = Step("sources", version=1, reads=_sources_reads, build=build_sources_step, inputs=_sources_inputs)
 
 # -- teacher fan-out and filters ------------------------------------------------------
+def _oracle_code(*roles: str) -> Callable[[Recipe], tuple[str, ...]]:
+    """The oracle server's code, when one of `roles` is the oracle: it writes the answers (in another process)."""
+    def code(recipe: Recipe) -> tuple[str, ...]:
+        oracle = any(getattr(recipe.teachers, role).kind == "oracle" for role in roles)
+        return ("orca_core.teacher.oracle_main",) if oracle else ()
+    return code
+
+
 STRATEGIES = Step(
-    "strategies", version=1, upstream=("sources",), build=generate.build_strategies,
+    "strategies", version=1, upstream=("sources",), build=generate.build_strategies, code=_oracle_code("strong"),
     reads=lambda r: {"prompts": r.prompts.model_dump(mode="json", include={"default_strategy", "strategies", "selection_samples"}),
                      "strong": generate.teacher_identity(r.teachers.strong), "prompts_digest": generate.prompts_digest(),
                      "seed": r.seed},
 )
 TRACES_ORCA1 = Step(
     "traces-orca1", version=1, upstream=("sources",), build=generate.build_orca1_traces,
+    code=_oracle_code("assistant", "strong"),
     reads=lambda r: {"assistant": generate.teacher_identity(r.teachers.assistant),
                      "strong": generate.teacher_identity(r.teachers.strong),
                      "strong_fraction": r.prompts.strong_fraction, "prompts_digest": generate.prompts_digest(),
@@ -90,21 +112,22 @@ TRACES_ORCA1 = Step(
 )
 TRACES_ORCA2 = Step(
     "traces-orca2", version=1, upstream=("sources", "strategies"), build=generate.build_orca2_traces,
+    code=_oracle_code("strong"),
     reads=lambda r: {"strong": generate.teacher_identity(r.teachers.strong),
                      "generic_system_message": r.prompts.generic_system_message,
                      "prompts_digest": generate.prompts_digest()},
 )
 def _filter_reads(recipe: Recipe) -> dict[str, Any]:
     # The real eval benchmarks join the key only when there are some: procedural-only keys stay as they were.
-    return {"filters": recipe.filters.model_dump(mode="json"), **evaluation.contamination_reads(recipe)}
+    return {"filters": recipe.filters.model_dump(mode="json"), **eval_specs.contamination_reads(recipe)}
 
 
 FILTERED_ORCA1 = Step("filtered-orca1", version=1, upstream=("sources", "traces-orca1"),
-                      build=generate.build_filtered("traces-orca1", evaluation.contamination_texts),
-                      reads=_filter_reads, inputs=evaluation.contamination_inputs)
+                      build=build_filtered("traces-orca1", eval_specs.contamination_texts),
+                      reads=_filter_reads, inputs=eval_specs.contamination_inputs)
 FILTERED_ORCA2 = Step("filtered-orca2", version=1, upstream=("sources", "traces-orca2"),
-                      build=generate.build_filtered("traces-orca2", evaluation.contamination_texts),
-                      reads=_filter_reads, inputs=evaluation.contamination_inputs)
+                      build=build_filtered("traces-orca2", eval_specs.contamination_texts),
+                      reads=_filter_reads, inputs=eval_specs.contamination_inputs)
 
 DATA_STEPS = [SOURCES, STRATEGIES, TRACES_ORCA1, TRACES_ORCA2, FILTERED_ORCA1, FILTERED_ORCA2]
 STEPS: dict[str, Step] = {step.name: step for step in DATA_STEPS}  # the steps every recipe has
@@ -114,10 +137,10 @@ FANOUT_STEPS = ("strategies", "traces-orca1", "traces-orca2")  # steps that send
 # -- tokenizer, base model, curriculum (made per recipe: the stages are data) -----------------
 TOKENIZER = Step("tokenizer", version=1, upstream=curriculum.tokenizer_upstream, build=curriculum.build_tokenizer,
                  reads=curriculum.tokenizer_reads,
-                 inputs=lambda r: {"tokenizer_files": curriculum.folder_hashes(r.model.tokenizer.path)})
+                 inputs=lambda r: {"tokenizer_files": folder_hashes(r.model.tokenizer.path)})
 BASE_MODEL = Step("base-model", version=1, upstream=("tokenizer",), build=curriculum.build_base_model,
                   reads=curriculum.base_model_reads,
-                  inputs=lambda r: {"model_files": curriculum.folder_hashes(r.model.path)})
+                  inputs=lambda r: {"model_files": folder_hashes(r.model.path)})
 
 
 def curriculum_steps(recipe: Recipe) -> list[Step]:
@@ -130,15 +153,21 @@ def curriculum_steps(recipe: Recipe) -> list[Step]:
                                                        "max_len": r.train.max_len, "overlong": r.train.overlong, "seed": r.seed}))
         made.append(Step(f"train-{stage.name}", version=1, upstream=(previous, f"dataset-{stage.name}"),
                          build=curriculum.build_train_for(stage, previous), reads=curriculum.train_reads_for(stage),
+                         code=TRAINER_CODE,
                          inputs=lambda r: {"deepspeed_config": file_sha256(curriculum.deepspeed_config_path(r))}))
         previous = f"train-{stage.name}"
     return made
 
 
+TRAINER_CODE = ("tasks.train",)  # the Ray Train loop the flow hands the train steps
+GENERATION_CODE = ("orca_core.eval.vllm_generate",)  # the vLLM child process
+
+
 def eval_steps(recipe: Recipe) -> list[Step]:
     """`eval-<model>` for the base model and each stage, then `report` over all of them."""
     made = [Step(f"eval-{name}", version=1, upstream=evaluation.eval_upstream(model_step),
-                 build=evaluation.build_eval_for(model_step), reads=evaluation.eval_reads, inputs=evaluation.eval_inputs)
+                 build=evaluation.build_eval_for(model_step), reads=evaluation.eval_reads, inputs=evaluation.eval_inputs,
+                 code=GENERATION_CODE)
             for name, model_step in evaluation.models(recipe).items()]
     report = Step("report", version=1, upstream=evaluation.report_upstream, build=evaluation.build_report,
                   reads=lambda r: {"models": list(evaluation.models(r)), "bootstrap_samples": r.eval.bootstrap_samples,
@@ -151,7 +180,7 @@ def checkpoint_eval_step(checkpoint: Path, name: str) -> Step:
     digest = evaluation.checkpoint_digest(checkpoint)
     return Step("eval-checkpoint", version=1, upstream=evaluation.eval_upstream(None),
                 build=evaluation.build_checkpoint_eval(checkpoint, name, digest),
-                reads=lambda r: {**evaluation.eval_reads(r), "name": name},
+                reads=lambda r: {**evaluation.eval_reads(r), "name": name}, code=GENERATION_CODE,
                 inputs=lambda r: {"checkpoint": digest, **evaluation.eval_inputs(r)})
 
 
@@ -174,7 +203,8 @@ def components(step: Step, recipe: Recipe, _keys: dict[str, str] | None = None) 
         if name not in keys:
             keys[name] = step_key(components(known[name], recipe, keys))
         upstream[name] = keys[name]
-    return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe))
+    return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe),
+                          code_components(step.code_entries(recipe)))
 
 
 def plan_key(step: Step, recipe: Recipe) -> str:
@@ -189,11 +219,15 @@ class StepResult:
     rows: dict[str, int]
 
 
-def upstream_digests(store: ArtifactStore, comps: dict[str, Any]) -> dict[str, str]:
-    """Content digest (files and their sha256) of each upstream artifact as published now ("" if missing)."""
+def upstream_digests(store: ArtifactStore, comps: dict[str, Any],
+                     lookup: Callable[[str, str], ArtifactRef | None] | None = None) -> dict[str, str]:
+    """Content digest (files and their sha256) of each upstream artifact as published now ("" if missing).
+
+    `lookup`: how to find a verified artifact (default `store.lookup`; `orca plan` passes a read-only one).
+    """
     digests = {}
     for name, key in comps["upstream"].items():
-        ref = store.lookup(name, key)
+        ref = (lookup or store.lookup)(name, key)
         digests[name] = sha256_text(canonical_json(store.manifest(ref)["files"])) if ref else ""
     return digests
 
@@ -288,8 +322,17 @@ class Explanation:
             lines.append("MISS: no artifact of this step exists in the store yet.")
             return "\n".join(lines)
         lines.append(f"MISS: nearest existing artifact {self.nearest[:16]} differs in {len(self.differences)} field(s):")
-        lines += [f"  {path}: {old!r} -> {new!r}" for path, old, new in self.differences]
+        if self.changed_code:
+            lines.append(f"  code changed: {', '.join(self.changed_code)}")
+        lines += [f"  library changed: {path.removeprefix('code.libraries.')} {old} -> {new}"
+                  for path, old, new in self.differences if path.startswith("code.libraries.")]
+        lines += [f"  {path}: {old!r} -> {new!r}" for path, old, new in self.differences if not path.startswith("code.")]
         return "\n".join(lines)
+
+    @property
+    def changed_code(self) -> list[str]:
+        """The modules whose code differs from the nearest artifact's ("orca_core/filters.py", ...)."""
+        return [path.removeprefix("code.modules.") for path, _, _ in self.differences if path.startswith("code.modules.")]
 
 
 def explain(store: ArtifactStore, step: Step, recipe: Recipe) -> Explanation:

@@ -6,7 +6,8 @@ also the end-of-sequence token the student learns to emit. A small student
 trained from scratch gets its own byte-level BPE (any text encodes, nothing
 maps to an unknown token) with digits split one per token, the usual choice
 for arithmetic: a number's tokens are its digits, whatever the merges learnt.
-Everything loads from local folders; nothing is downloaded.
+A base model's tokenizer loads from a local folder, or from the hub (or its
+local cache) at the commit the tokenizer step is keyed on (orca_core/hub.py).
 """
 
 from __future__ import annotations
@@ -67,12 +68,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTraine
     return tokenizer
 
 
-def prepare_pretrained(path: str, out_dir: Path) -> PreTrainedTokenizerFast:
-    """A base model's local tokenizer made ChatML-ready, saved to `out_dir`.
+def prepare_pretrained(path: str, out_dir: Path, revision: str | None = None) -> PreTrainedTokenizerFast:
+    """A base model's tokenizer (a local folder, or a hub name at commit `revision`) made ChatML-ready, saved.
 
     New tokens get new ids: the model's embeddings must be resized to len(tokenizer).
     """
-    tokenizer = make_chatml_ready(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    tokenizer = make_chatml_ready(AutoTokenizer.from_pretrained(path, revision=revision))
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 

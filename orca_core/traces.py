@@ -30,6 +30,7 @@ from orca_core.keys import canonical_json, sha256_text
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+TRACES_FILE, STRATEGIES_FILE, SELECTION_FILE = "traces.parquet", "strategies.parquet", "selection_traces.parquet"
 
 # One teacher call.
 REQUEST_SCHEMA = pa.schema(

@@ -43,6 +43,7 @@ from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from orca_core import schedule
 from orca_core.model import generation_config
 
 matplotlib.use("Agg")
@@ -106,11 +107,11 @@ def lr_factor(step: int, job: TrainJob, total_steps: int) -> float:
 
 
 def steps_per_epoch(n_rows: int, job: TrainJob, world_size: int) -> int:
-    return -(-n_rows // (job.micro_batch_size * job.grad_accum * world_size))
+    return schedule.steps_per_epoch(n_rows, job.micro_batch_size * job.grad_accum * world_size)
 
 
 def total_steps(n_rows: int, job: TrainJob, world_size: int) -> int:
-    return job.max_steps or job.epochs * steps_per_epoch(n_rows, job, world_size)
+    return schedule.optimizer_steps(n_rows, job.micro_batch_size * job.grad_accum * world_size, job.epochs, job.max_steps)
 
 
 def epoch_batches(n_rows: int, job: TrainJob, epoch: int, rank: int, world_size: int) -> list[np.ndarray]:

@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,20 +29,7 @@ from orca_core.teacher.limiter import Gate, RoleLimiter, gate_limits
 from orca_core.teacher.runner import oracle_server
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import RequestCache
-
-
-def ensure_ray(recipe: Recipe) -> None:
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if recipe.ray.address == "local":
-        # A private runtime with its own temp dir: /tmp/ray is shared with every other user of the machine.
-        temp_dir = Path(tempfile.gettempdir()) / f"orca-ray-{os.getuid()}"
-        kwargs |= {"address": "local", "num_cpus": recipe.ray.num_cpus, "_temp_dir": str(temp_dir)}
-    else:
-        kwargs["address"] = recipe.ray.address
-    ray.init(**kwargs)
+from tasks.ray_runtime import ensure_ray
 
 
 @ray.remote

@@ -22,7 +22,7 @@ from prefect.filesystems import RemoteFileSystem
 from prefect.tasks import exponential_backoff
 
 from orca_core.eval.steps import EVAL_WORK
-from orca_core.generate import StepContext
+from orca_core.context import StepContext
 from orca_core.keys import sha256_text, step_key
 from orca_core.recipe.models import Recipe
 from orca_core.steps import FANOUT_STEPS, Step, components, has_failures, run_step, verified

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from orca_core.recipe.models import Recipe
 from orca_core.train import total_steps
-from tasks.fanout import ensure_ray
+from tasks.ray_runtime import ensure_ray
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -94,6 +94,21 @@ def test_multiple_choice_maps_to_the_option(text):
     assert extract(text, OPTIONS).strict == "Thursday"
 
 
+@pytest.mark.parametrize("text, strict, flexible", [
+    ("(A)", "Monday", "Monday"),
+    ("The answer is A.", "Monday", "Monday"),
+    ("Answer: I'd go with option C.", "Thursday", "Thursday"),  # the statement names one option
+    ("Counting on from the start.\nC", None, "Thursday"),
+    ("A day after Wednesday is what we need.", None, None),  # the article is no option
+    ("A change of one day.\nA: it falls later.", None, None),  # a last line naming none gives no option
+    ("The answer is A change of plans.", "A change of plans", "A change of plans"),  # stays text, unmapped
+    ("What the answer is to part 8?\nSo I pick option C.", "to part 8?", "Thursday"),  # a statement naming none
+])
+def test_multiple_choice_letters_need_answer_context(text, strict, flexible):
+    got = extract(text, OPTIONS)
+    assert (got.strict, got.flexible) == (strict, flexible)
+
+
 def test_multiple_choice_flexible_takes_the_last_option_mentioned():
     text = "It is not Monday, since the offset is 3; not Sunday either. It must be Thursday"
     got = extract(text, OPTIONS)

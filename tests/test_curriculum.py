@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orca_core import steps
-from orca_core.generate import StepContext
+from orca_core.context import StepContext
 from orca_core.store import ArtifactStore
 from orca_core.teacher.runner import LocalFanoutRunner
 from orca_core.train import fit

@@ -8,6 +8,7 @@ benchmark whose loader or extraction is off shows here, on real rows.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,37 @@ def test_bbh_and_drop_text_golds_score_100_percent(bench_data):
         assert _rates(examples, [e.gold for e in examples])[1] == 1.0  # the bare answer: flexible
     aliased = [e for e in drop if e.aliases]
     assert aliased and _rates(aliased, [f"The answer is {e.aliases[0]}." for e in aliased])[0] == 1.0
+
+
+def _names_an_option(text: str, options: tuple[str, ...]) -> bool:
+    return any(o.strip().casefold() in text.casefold() for o in options if o.strip())  # even inside a word
+
+
+def _no_answer_outputs(example: Example) -> list[str]:
+    """Outputs that name no option: the question's own sentences, alone and inside rambling that opens
+    sentences with "A" and "I" (the article and the pronoun, not option letters)."""
+    stem = example.prompt.rpartition("\nOptions:\n")[0]
+    sentences = [s for s in re.split(r"(?<=[.?!])\s+|\n+", stem) if s.strip()]
+    kept = " ".join(s for s in sentences if not _names_an_option(s, example.options))
+    ramblings = [
+        f"{kept}",
+        f"A careful reading comes first.\n{kept}\nA question like this needs care.",
+        f"I read the question twice. {kept}\nI think it is tricky, and I am not sure.",
+    ]
+    return [r for r in ramblings if r.strip() and not _names_an_option(r, example.options)]
+
+
+@pytest.mark.parametrize("name, path", MC_BENCHMARKS)
+def test_mc_outputs_without_an_answer_extract_no_option(bench_data, name, path):
+    """The article "A" and the pronoun "I" opening a sentence are not option letters (issue 12)."""
+    limit = 40 if name == "mmlu" else None  # per subject: 2,280 of its 14,042 questions keep the test fast
+    spec = BenchmarkSpec(name=name, path=str(bench_data / path), limit=limit)
+    examples = [e for e in load_benchmark(spec) if e.kind == "mc"]
+    outputs = [(e, o) for e in examples for o in _no_answer_outputs(e)]
+    assert len(outputs) > 2 * len(examples)
+    extracted = [(e.id, o) for e, o in outputs if score(e, o).flexible is not None]
+    assert len(extracted) <= 0.005 * len(outputs), (len(extracted), len(outputs), extracted[:5])
+    # (measured on all rows: ARC, CRASS, BBH 0 %; MMLU 0.07 %, questions that label alleles "(D)" or "(B)")
+    endings = ["\nSo I pick option {}.", "\n**{}**", "\nThe answer is {} because the rest fail."]
+    answered = [(e, o + endings[i % 3].format(e.gold)) for i, (e, o) in enumerate(outputs)]
+    assert all(score(e, o).correct_flexible for e, o in answered)

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from orca_core.eval.metrics import ALL_TASKS, SUITE, SUMMARY_COLUMNS, bootstrap_ci, macro_ci, suite_macro, summarize
+from orca_core.eval.metrics import (ALL_TASKS, DIFFERENCE_COLUMNS, PAIR_KEYS, SUITE, SUMMARY_COLUMNS, bootstrap_ci,
+                                    direction, macro_ci, pair_examples, paired_differences, suite_macro, summarize)
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -180,3 +181,116 @@ def test_suite_macro_averages_benchmark_macros():
     assert (row.benchmark, row.task, row.system_message, row.n) == (SUITE, ALL_TASKS, "empty", 9)
     assert row.accuracy_flexible == pytest.approx(0.375)
     assert (row.low_flexible, row.high_flexible) == pytest.approx((0.25, 0.5))  # only t2 varies: weight 1/4
+
+
+# -- paired differences ----------------------------------------------------------------------------------
+
+def _scored(correct, tasks, benchmark: str = "bbh", system: str = "empty") -> pd.DataFrame:
+    """Per-example rows of one model as evaluate.py writes them (the columns pairing reads)."""
+    return pd.DataFrame({"benchmark": benchmark, "task": tasks, "system_message": system,
+                         "id": [f"{t}-{i}" for i, t in enumerate(tasks)], "correct_flexible": np.asarray(correct, bool)})
+
+
+TASKS = ["t1"] * 20 + ["t2"] * 20
+B_RIGHT = np.arange(40) % 2 == 0  # B: every even item
+A_RIGHT = B_RIGHT.copy()
+A_RIGHT[[1, 3, 21, 23]] = True  # A also gets four odd items...
+A_RIGHT[4] = False  # ...and misses one B gets: they agree on 35 of 40
+
+
+def reference_paired(per_task: dict[str, list[int]], samples: int, seed: int, level: float = 0.95):
+    """The paired stratified bootstrap, the slow obvious way: resample each task's item differences, average."""
+    rng = random.Random(seed)
+    stats = [sum(sum(rng.choices(d, k=len(d))) / len(d) for d in per_task.values()) / len(per_task)
+             for _ in range(samples)]
+    tail = (1 - level) / 2
+    return sum(sum(d) / len(d) for d in per_task.values()) / len(per_task), _percentile(stats, tail), \
+        _percentile(stats, 1 - tail)
+
+
+def test_paired_difference_golden_values_and_narrower_than_the_unpaired_cis():
+    pairs, unmatched = pair_examples(_scored(A_RIGHT, TASKS), _scored(B_RIGHT, TASKS))
+    assert len(pairs) == 40 and unmatched.empty and list(pairs.columns) == [*PAIR_KEYS, "a", "b"]
+    table = paired_differences(pairs, samples=1000, seed=0)
+    assert list(table.columns) == DIFFERENCE_COLUMNS
+    assert table[["benchmark", "task", "system_message", "n"]].to_numpy().tolist() == [
+        ["bbh", ALL_TASKS, "empty", 40], ["bbh", "t1", "empty", 20], ["bbh", "t2", "empty", 20],
+        [SUITE, ALL_TASKS, "empty", 40]]
+    golden = [[0.075, -0.025, 0.175], [0.05, -0.1, 0.2], [0.1, 0.0, 0.25], [0.075, -0.025, 0.175]]  # seed 0
+    assert table[["difference", "low", "high"]].to_numpy() == pytest.approx(np.array(golden), abs=1e-12)
+    # The macro difference is exactly the difference of the macro accuracies; its CI is what pairing changes.
+    accuracy_a, low_a, high_a = macro_ci({"t1": A_RIGHT[:20], "t2": A_RIGHT[20:]}, seed=0)
+    accuracy_b, low_b, high_b = macro_ci({"t1": B_RIGHT[:20], "t2": B_RIGHT[20:]}, seed=0)
+    assert table.loc[0, "difference"] == pytest.approx(accuracy_a - accuracy_b)
+    width = table.loc[0, "high"] - table.loc[0, "low"]
+    assert width < 0.7 * min(high_a - low_a, high_b - low_b)  # 0.20 vs 0.30 each (unpaired: ~0.42 for the difference)
+    assert table.loc[0, "low"] < 0 < table.loc[0, "high"] and direction(-0.025, 0.175) == "no difference"
+    assert (direction(0.01, 0.2), direction(-0.2, -0.01), direction(0.0, 0.1)) == ("above", "below", "no difference")
+
+
+def test_identical_models_differ_by_exactly_zero():
+    pairs, _ = pair_examples(_scored(A_RIGHT, TASKS), _scored(A_RIGHT, TASKS))
+    table = paired_differences(pairs, samples=500, seed=3)
+    assert table[["difference", "low", "high"]].to_numpy().tolist() == [[0.0, 0.0, 0.0]] * 4
+
+
+def test_each_task_is_resampled_within_itself():
+    # t1: A right and B wrong on every item (+1 each); t2 the reverse (-1 each). Every task is constant,
+    # so a stratified resample always gives (1 + -1) / 2 = 0; pooling the 40 items would not.
+    a = np.r_[np.ones(20), np.zeros(20)]
+    table = paired_differences(pair_examples(_scored(a, TASKS), _scored(1 - a, TASKS))[0], samples=1000, seed=0)
+    assert table[["difference", "low", "high"]].to_numpy().tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0],
+                                                                        [-1.0, -1.0, -1.0], [0.0, 0.0, 0.0]]
+    # A constant task adds no width: the macro CI of (constant, varying) is half the varying task's alone.
+    varying = _scored(A_RIGHT[:20], ["t2"] * 20), _scored(B_RIGHT[:20], ["t2"] * 20)
+    alone = paired_differences(pair_examples(*varying)[0], samples=20000, seed=0).iloc[0]
+    with_constant = paired_differences(pair_examples(pd.concat([_scored([1] * 20, ["t1"] * 20), varying[0]]),
+                                                     pd.concat([_scored([1] * 20, ["t1"] * 20), varying[1]]))[0],
+                                       samples=20000, seed=0).iloc[0]
+    assert [alone["difference"], alone["low"], alone["high"]] == pytest.approx([0.05, -0.1, 0.2])  # seed 0
+    assert [with_constant["difference"], with_constant["low"], with_constant["high"]] == pytest.approx([0.025, -0.05, 0.1])
+
+
+def test_paired_bootstrap_matches_a_loop_reference():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(150) < 0.6, rng.random(150) < 0.5
+    tasks = ["t1"] * 40 + ["t2"] * 50 + ["t3"] * 60
+    ours = paired_differences(pair_examples(_scored(a, tasks), _scored(b, tasks))[0], samples=20000, seed=1).iloc[0]
+    d = a.astype(int) - b.astype(int)
+    per_task = {"t1": d[:40].tolist(), "t2": d[40:90].tolist(), "t3": d[90:].tolist()}
+    reference = reference_paired(per_task, samples=20000, seed=1)
+    assert ours["difference"] == pytest.approx(reference[0])
+    tolerance = 0.01  # Monte Carlo error of a 2.5% quantile at 20000 samples, plus the 1/120 grid
+    assert ours["low"] == pytest.approx(reference[1], abs=tolerance)
+    assert ours["high"] == pytest.approx(reference[2], abs=tolerance)
+    wrong = reference_paired(per_task, samples=20000, seed=1, level=0.80)
+    assert abs(ours["low"] - wrong[1]) > tolerance and abs(ours["high"] - wrong[2]) > tolerance  # the check can fail
+
+
+def test_suite_difference_weights_benchmarks_equally():
+    # bbh: 2 tasks, differences .05 and .1 (macro .075); gsm8k: one task, A 2 of 4 right more than B (.5).
+    # Benchmarks keep A's order (gsm8k first here); B's rows may come in any order.
+    a = pd.concat([_scored([1, 1, 0, 0], ["gsm8k"] * 4, benchmark="gsm8k"), _scored(A_RIGHT, TASKS)])
+    b = pd.concat([_scored(B_RIGHT, TASKS), _scored([0, 0, 0, 0], ["gsm8k"] * 4, benchmark="gsm8k")]).iloc[::-1]
+    table = paired_differences(pair_examples(a, b)[0], samples=1000, seed=0)
+    assert list(zip(table["benchmark"], table["task"])) == [("gsm8k", ALL_TASKS), ("gsm8k", "gsm8k"), ("bbh", ALL_TASKS),
+                                                          ("bbh", "t1"), ("bbh", "t2"), (SUITE, ALL_TASKS)]
+    assert table.iloc[2:5]["difference"].tolist() == pytest.approx([0.075, 0.05, 0.1])
+    suite = table.iloc[-1]
+    assert suite["n"] == 44 and suite["difference"] == pytest.approx((0.075 + 0.5) / 2)
+    assert suite["low"] < suite["difference"] < suite["high"]
+
+
+def test_pairing_errors_name_the_task_and_the_count():
+    a, b = _scored(A_RIGHT, TASKS), _scored(B_RIGHT, TASKS)
+    with pytest.raises(ValueError, match=r"orca2 and orca1 did not answer the same items \(benchmark 'bbh', task 't2', "
+                                         r"system message 'empty': 3 id\(s\) only in orca2, 0 only in orca1\)"):
+        pair_examples(a, b.iloc[:37], names=("orca2", "orca1"))
+    pairs, unmatched = pair_examples(a, b.iloc[:37], intersect=True)
+    assert len(pairs) == 37 and unmatched.to_dict("records") == [
+        {"benchmark": "bbh", "task": "t2", "system_message": "empty", "only_a": 3, "only_b": 0}]
+    with pytest.raises(ValueError, match=r"results of B: benchmark 'bbh', task 't1', system message 'empty': "
+                                         r"id 't1-0' appears twice"):
+        pair_examples(a, pd.concat([b, b.iloc[:1]]))
+    with pytest.raises(ValueError, match=r"results of A lack column\(s\) \['id'\]"):
+        pair_examples(a.drop(columns="id"), b)

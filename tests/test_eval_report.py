@@ -148,3 +148,26 @@ def test_report_errors_name_the_problem(tmp_path):
         write_report(_summary().drop(columns="model"), tmp_path, models=MODELS)
     with pytest.raises(FileNotFoundError, match="'orca1'.*nowhere"):
         write_report(_summary(), tmp_path, models=MODELS, loss_curves={"orca1": tmp_path / "nowhere"})
+
+
+def test_findings_sections_render_the_paired_difference_column(tmp_path):
+    from orca_core.eval import findings
+    from orca_core.eval.report import Section
+
+    frames = {m: pd.concat([_examples(right, s) for s in ("empty", "cautious")], ignore_index=True)
+              for right, m in enumerate(MODELS)}
+    summary = _summary(suite=True)  # two benchmarks: the findings judge the average over them
+    rows = findings.curriculum(summary, frames, MODELS, "empty", samples=200, seed=0)
+    assert [r["vs_previous"] for r in rows] == ["", "above", "above", "above"]  # one more item right in every task
+    sections = [Section("Finding 1", [findings.verdict(rows)], findings.curriculum_table(rows)),
+                Section("Finding 1 per task", [], findings.by_task_table(rows))]
+    files = write_report(summary, tmp_path, models=MODELS, sections=sections)
+    md, page = files["report.md"].read_text(), files["report.html"].read_text()
+    assert "| model | accuracy % [95% CI] | examples | tasks | difference vs previous, pts [95% CI] | vs previous |" in md
+    assert "| base | 6.2 [0.0–18.8] | 12 | 3 |  |  |" in md
+    assert "| orca2 | 81.2 [50.0–100.0] | 12 | 3 | +25.0 [6.2, 56.4] | above |" in md  # golden, seed 0
+    assert "| task | flan vs base | orca1 vs flan | orca2 vs orca1 |" in md
+    assert "| gsm8k / gsm8k | +25.0 [0.0, 75.0] | +25.0 [0.0, 75.0] | +25.0 [0.0, 75.0] |" in md
+    assert "**Holds**: orca2 > orca1 > flan > base" in md and "<p>Holds: orca2 &gt; orca1 &gt; flan &gt; base" in page
+    assert "<th>difference vs previous, pts [95% CI]</th>" in page and "<td>+25.0 [6.2, 56.4]</td>" in page
+    assert md.index("## Finding 1\n") < md.index("## Finding 1 per task") < md.index("## Accuracy, flexible")

@@ -41,7 +41,7 @@ MC = ex("mc", "B", options=("Paris", "Lyon", "Nice", "Lille"))
     ("Answer: b", None, None),  # lower case is not an option letter
     ("Lyon is in the south-east, so (B) it is.", None, "B"),
     ("I think Lyon.", None, "B"),  # flexible: the option's text
-    ("Between A and B... hmm", None, "A"),  # no option named: AGIEval's first lone capital letter
+    ("Between A and B... hmm", None, None),  # letters without answer context name no option
     ("It must be B because C is wrong", None, "B"),
     ("(E)", None, None),  # out of range: not an option
     ("no idea", None, None),
@@ -52,9 +52,52 @@ def test_mc_answers_become_option_letters(output, strict, flexible):
     assert got.correct_strict == (strict == "B") and got.correct_flexible == (flexible == "B")
 
 
-def test_mc_first_lone_capital_is_the_last_resort():
+def test_mc_a_picked_letter_is_flexible_only():
     got = score(ex("mc", "C", options=("x1", "x2", "x3")), "I pick C, final.")
     assert got.flexible == "C" and got.correct_flexible and got.strict is None
+
+
+TEN = ex("mc", "I", options=tuple(f"x{i}" for i in range(10)))  # letters A-J: "I" is an option too
+
+
+@pytest.mark.parametrize("output, letter", [
+    ("I", "I"), ("B.", "B"), ("(B)", "B"), ("**B**", "B"), ("Answer: (B)", "B"),
+    ("Let me think it through.\nI", "I"),  # a lone letter as the last line
+    ("Let me think it through.\n**(D).**", "D"),
+    ("The answer is A.", "A"), ("The answer is B because C is wrong.", "B"), ("answer: B", "B"),
+    ("Final answer - G", "G"), ("The correct option is (B), not (C).", "C"),  # the last option named
+    ("B) x1 fits best.", "B"), ("I'd go with option B.", "B"), ("Option (C) fits.", "C"), ("choice B", "B"),
+    ("I choose H, since the rest fail.", "H"), ("The best one is **E** here.", "E"), ("J is correct.", "J"),
+    ("I think it is (C)", "C"), ("It must be B because C is wrong", "B"),
+])
+def test_mc_letters_in_answer_context(output, letter):
+    assert score(TEN, output).flexible == letter
+
+
+@pytest.mark.parametrize("output", [
+    "A change is physical when the substance stays the same.",
+    "I think the question is tricky.\nI am not sure.",
+    "A careful reading helps.\nA question like this needs care.",
+    "Answer: A change of state.",  # the statement's text starts with the article
+    "The answer is I think unclear.", "Between A and B... hmm", "Plan B would fail. Vitamin C helps. H2O boils.",
+    "A: the first speaker says hello.", "It is a fact that I am here.",
+])
+def test_mc_sentence_openers_are_not_option_letters(output):
+    got = score(TEN, output)
+    assert (got.strict, got.flexible) == (None, None)
+
+
+def test_a_letter_keeps_naming_its_own_option_when_two_read_the_same():
+    twins = ex("mc", "C", options=("Up", "Down", "Up"))  # as in MMLU's high_school_macroeconomics-183
+    assert score(twins, "The answer is C because the rest fail.").correct_strict
+    assert letter_of("C) Up", twins.options) == "C" and letter_of("Up", twins.options) == "A"
+
+
+def test_bbh_letters_reach_r_without_the_pronoun():
+    bbh = ex("mc", "R", options=tuple(f"o{i}" for i in range(18)))  # (A)-(R), as in BBH's geometric tasks
+    assert score(bbh, "So the answer is (R).").correct_strict
+    assert score(bbh, "I count the sides first. I get R.").flexible is None  # "get R" is no answer context
+    assert score(bbh, "I count the sides first.\nR").flexible == "R"
 
 
 def test_letter_of_maps_text_and_letters():

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orca_core import steps
-from orca_core.generate import TRACES_FILE, StepContext
+from orca_core.context import StepContext
+from orca_core.traces import TRACES_FILE
 from orca_core.recipe import load_recipe
 from orca_core.recipe.models import TeacherEndpoint
 from orca_core.store import ArtifactStore
@@ -157,7 +158,7 @@ _KILLED_FANOUT = textwrap.dedent("""
     import sys
     from pathlib import Path
     from orca_core import steps
-    from orca_core.generate import StepContext
+    from orca_core.context import StepContext
     from orca_core.recipe import load_recipe
     from orca_core.store import ArtifactStore
     from tasks.fanout import RayFanoutRunner

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
 
-from orca_core.filters import filter_traces
+from orca_core.filters import EvalText, filter_traces, label_set_tasks
 from orca_core.recipe.models import FiltersConfig
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import to_table
@@ -87,21 +88,79 @@ def test_refusal_only_near_the_start():
     assert verdicts == ["kept", "dropped:refusal"]
 
 
-def test_gold_check_uses_source_options_generator_and_short_gold():
-    sources = [source("mc", "Thursday", ["Monday", "Thursday"]), source("long", "a b c d e f"),
+def test_gold_check_uses_source_options_generator_and_numbers():
+    sources = [source("mc", "Thursday", ["Monday", "Thursday"]),
                source("gen", "05:02", generator="time_intervals", metadata='{"task_type": "time"}')]
     rows = [
         trace(user="1", source_id="mc", reference="Thursday", response="Counting on, it is (B)."),
         trace(user="2", source_id="mc", reference="Thursday", response="So the answer is Monday."),
-        trace(user="3", source_id="long", reference="a b c d e f", response="Something else entirely."),
         trace(user="4", source_id="gen", reference="05:02", response="So the answer is 05:02."),
-        trace(user="5", source_id="gen", reference="05:02", response="So the answer is 05:03."),
+        trace(user="5", source_id="gen", reference="05:02", response="So the answer is 05:03."),  # its scorer says no
         trace(user="6", reference=None, response="So the answer is 7."),
         trace(user="7", reference="1000", response="That is 999 + 1 = 1,000"),
+        trace(user="8", reference="1000", response="That is 999 + 2 = 1,001"),
     ]
     verdicts, stats, _ = run(rows, sources)
-    assert verdicts == ["kept", "dropped:wrong_answer", "kept", "kept", "dropped:wrong_answer", "kept", "kept"]
-    assert stats["dropped"] == {"wrong_answer": 2}
+    assert verdicts == ["kept", "dropped:wrong_answer", "kept", "dropped:wrong_answer", "kept", "kept",
+                        "dropped:wrong_answer"]
+    assert stats["dropped"] == {"wrong_answer": 3} and stats["unchecked"] == 0
+
+
+def test_free_form_golds_are_kept_unchecked_and_counted():
+    """A FLAN title or translation is not gradable by equality: a correct paraphrase would be dropped."""
+    titles = [source(f"title{i}", f"Title number {i} of the news", task_name="gigaword_title") for i in range(12)]
+    rows = [
+        trace(user="1", source_id="title0", reference="Title number 0 of the news", task_name="gigaword_title",
+              response="A good title:\nNews item zero"),
+        trace(user="2", source_id="title1", reference="Title number 1 of the news", task_name="gigaword_title",
+              response="So the answer is Title number 1 of the news.", stage="orca1", teacher_role="assistant"),
+        trace(user="3", reference="a b c d e f", response="Something else entirely.", task_name="free"),
+        trace(user="4", source_id="title2", reference="Title number 2 of the news", task_name="gigaword_title",
+              status="failed:http"),  # dropped for another reason: not counted
+    ]
+    verdicts, stats, _ = run(rows, titles)
+    assert verdicts == ["kept", "kept", "kept", "dropped:failed"]
+    assert stats["unchecked"] == 3
+    assert stats["unchecked_by_task"] == {"free": 1, "gigaword_title": 2}
+    assert stats["by_stage_role"]["orca2/strong"]["unchecked"] == 2
+    assert stats["by_stage_role"]["orca1/assistant"]["unchecked"] == 1
+
+
+def test_label_set_tasks_and_closed_labels_are_graded():
+    labels = ["positive", "negative"]
+    sentiment = [source(f"s{i}", labels[i % 2], task_name="sentiment") for i in range(10)]  # 2 labels x 5 rows
+    few = [source(f"f{i}", labels[i % 2], task_name="few") for i in range(9)]  # 9 rows < 5 per label: not a set
+    upbeat = "The tone is upbeat.\nSo the answer is positive."
+    rows = [
+        trace(user="1", source_id="s0", reference="positive", response=upbeat),
+        trace(user="2", source_id="s1", reference="negative", response=upbeat),
+        trace(user="3", source_id="f1", reference="negative", response=upbeat, task_name="few"),
+        trace(user="4", reference="Yes", response="It rained, so the ground is wet.\nSo the answer is no."),
+        trace(user="5", reference="(C)", response="So the answer is (B)."),
+    ]
+    verdicts, stats, _ = run(rows, sentiment + few)
+    assert verdicts == ["kept", "dropped:wrong_answer", "kept", "dropped:wrong_answer", "dropped:wrong_answer"]
+    assert stats["unchecked_by_task"] == {"few": 1}
+    assert label_set_tasks(to_table(sentiment + few)) == {"sentiment"}
+    many = [source(f"m{i}", f"class {i % 21}", task_name="many") for i in range(210)]  # 21 labels: too many
+    assert label_set_tasks(to_table(sentiment + many + [source("m", "class 0", task_name="many")])) == {"sentiment"}
+    twenty = [source(f"m{i}", f"class {i % 20}", task_name="many") for i in range(100)]  # 20 labels x 5 rows
+    assert label_set_tasks(to_table(twenty)) == {"many"}
+
+
+def test_procedural_rows_are_graded_by_their_generator(procedural):
+    """Right answers in the generator's own format pass; a neighbour's answer is dropped."""
+    rows = [r for task in ("caesar_cipher", "needle_haystack") for r in procedural if r["task_name"] == task][::10]
+    assert len(rows) == 20 and all(r["generator"] and not r["options"] for r in rows)  # free text but gradable
+    traces = [trace(user=r["inputs"], response=f"Working.\nSo the answer is {answer}.", source_id=r["id"],
+                    reference=r["answer"], task_name=r["task_name"])
+              for r, answer in zip(rows, [r["answer"] for r in rows[1:] + rows[:1]])]
+    traces += [trace(user=r["inputs"] + " (again)", response=f"So the answer is {r['answer']}.", source_id=r["id"],
+                     reference=r["answer"], task_name=r["task_name"]) for r in rows]
+    verdicts, stats, _ = run(traces, [dict(r) for r in procedural])
+    wrong = [a["answer"] != b["answer"] for a, b in zip(rows, rows[1:] + rows[:1])]
+    assert verdicts[:len(rows)] == ["dropped:wrong_answer" if w else "kept" for w in wrong]
+    assert verdicts[len(rows):] == ["kept"] * len(rows) and stats["unchecked"] == 0
 
 
 def test_first_of_a_duplicate_pair_is_kept():
@@ -116,7 +175,7 @@ def test_same_prompt_by_two_roles_or_stages_is_not_a_duplicate():
     verdicts, stats, _ = run(rows, near_dup_threshold=0.9)
     assert verdicts == ["kept"] * 3
     assert set(stats["by_stage_role"]) == {"orca2/strong", "orca2/assistant", "orca1/strong"}
-    assert stats["by_stage_role"]["orca2/strong"] == {"total": 1, "kept": 1, "dropped": {}}
+    assert stats["by_stage_role"]["orca2/strong"] == {"total": 1, "kept": 1, "dropped": {}, "unchecked": 0}
 
 
 def test_a_duplicate_of_a_dropped_row_is_judged_on_its_own():
@@ -143,6 +202,56 @@ def test_template_ngrams_shared_by_many_evaluation_texts_do_not_contaminate():
     rows = [trace(user=f"{template} Now, 9 spiders?"), trace(user=evaluation[2])]
     verdicts, _, _ = run(rows, contamination=evaluation, contamination_ngram=8)
     assert verdicts == ["kept", "dropped:contaminated"]
+
+
+def test_a_passage_shared_by_many_questions_contaminates_but_a_task_template_does_not():
+    """Frequency counts distinct passages: one passage asked about 4 times is content, an instruction is template."""
+    template = "Answer the following question using only the passage given below it, in one word."
+    passage = "The river Tamsin rises in the northern hills and flows past seven old mills before reaching the sea."
+    others = [f"Passage {i}: a story about {i} merchants who sailed east and came home rich." for i in range(3)]
+    evaluation = [EvalText(f"{template}\n{passage}\nQuestion {q}?", "drop/drop", passage) for q in "ABCD"]
+    evaluation += [EvalText(f"{template}\n{p}\nQuestion?", "drop/drop", p) for p in others]
+    rows = [trace(user=f"Summarise: {passage}"), trace(user=f"{template} What is 2 + 2?")]
+    verdicts, _, _ = run(rows, contamination=evaluation, contamination_ngram=8)
+    assert verdicts == ["dropped:contaminated", "kept"]
+    bare = [t.text for t in evaluation]  # without passages every question is its own text: 4 texts make template
+    assert run(rows, contamination=bare, contamination_ngram=8)[0] == ["kept", "kept"]
+
+
+def test_an_ngram_shared_by_two_tasks_is_template_and_by_two_texts_of_one_task_is_content():
+    phrase = "which of the following statements best describes the main idea here"
+    texts = [f"History: {phrase} about kings?", f"Biology: {phrase} about cells?"]
+    rows = [trace(user=f"Chemistry: {phrase} about atoms?")]
+    across = [EvalText(texts[0], "mmlu/history"), EvalText(texts[1], "mmlu/biology")]
+    within = [EvalText(texts[0], "mmlu/history"), EvalText(texts[1], "mmlu/history")]
+    assert run(rows, contamination=across, contamination_ngram=8)[0] == ["kept"]
+    assert run(rows, contamination=within, contamination_ngram=8)[0] == ["dropped:contaminated"]
+
+
+def test_real_drop_passages_shared_by_several_questions_contaminate(smoke):
+    """Real DROP rows through the filter step's own eval texts (`contamination_texts`)."""
+    from orca_core.eval.benchmarks import BenchmarkSpec
+    from orca_core.eval.specs import contamination_texts
+    from orca_core.recipe.models import EvalConfig
+
+    drop = Path(__file__).resolve().parents[1] / "bench-data" / "drop" / "validation.jsonl"
+    if not drop.is_file():
+        pytest.skip("bench-data/ is missing: run `make bench-data`")
+    rows = [json.loads(line) for line in drop.read_text().splitlines()]
+    passage, asked = Counter(r["passage"] for r in rows).most_common(1)[0]
+    question = "Which age group is smaller: under the age of 18 or 18 to 24?"  # asked of 6 census passages
+    assert asked == 14 and sum(r["question"] == question for r in rows) == 6
+    recipe = smoke.model_copy(update={"eval": EvalConfig(suite="custom", benchmarks=[
+        BenchmarkSpec(name="drop", path=str(drop))])})
+    texts = contamination_texts(recipe)
+    assert len(texts) == 1000 and {t.group for t in texts} == {"drop/drop"} and texts[0].passage == rows[0]["passage"]
+    census = "In 2010 the town had 4,512 residents; 21% were under the age of 18 and 9% were 18 to 24."
+    traces = [trace(user=f"Read the text and list three facts.\n{passage}"),
+              trace(user=f"Passage: {census}\nQuestion: {question}")]
+    verdicts, _, _ = run(traces, contamination=texts, contamination_ngram=13)
+    assert verdicts == ["dropped:contaminated", "kept"]
+    prompts = [t.text for t in texts]  # counted per prompt, as before: the 14 questions made the passage template
+    assert run(traces, contamination=prompts, contamination_ngram=13)[0] == ["kept", "kept"]
 
 
 def test_near_duplicate_one_word_changed_in_a_long_text():
@@ -173,12 +282,12 @@ def test_distinct_procedural_problems_are_not_near_duplicates(procedural):
 def test_empty_table():
     verdicts, stats, out = run([])
     assert verdicts == [] and out.schema == TRACE_SCHEMA
-    assert stats == {"total": 0, "kept": 0, "dropped": {}, "by_stage_role": {}}
+    assert stats == {"total": 0, "kept": 0, "dropped": {}, "unchecked": 0, "by_stage_role": {}, "unchecked_by_task": {}}
 
 
 def test_exact_texts_match_by_equality_only():
     from orca_core.recipe.models import FiltersConfig
-    from orca_core.filters import filter_traces
+    from orca_core.filters import EvalText, filter_traces, label_set_tasks
     import pyarrow as pa
     from orca_core.traces import TRACE_SCHEMA
 
@@ -204,7 +313,7 @@ def test_the_filter_steps_drop_traces_that_overlap_the_real_eval_benchmarks(smok
     import pyarrow.parquet as pq
 
     from orca_core.eval.benchmarks import BenchmarkSpec
-    from orca_core.generate import StepContext
+    from orca_core.context import StepContext
     from orca_core.recipe.models import EvalConfig
     from orca_core.steps import FILTERED_ORCA1, SOURCES, plan_key, run_step
     from orca_core.store import ArtifactStore

@@ -1,4 +1,4 @@
-"""The findings: stage ordering with separate CIs, the verdict line, comparisons, and the findings plot."""
+"""The findings: stage ordering by paired differences, the verdict line, comparisons, and the findings plot."""
 
 from __future__ import annotations
 
@@ -13,52 +13,101 @@ from orca_core.eval.strategy_usage import usage
 MODELS = ["base", "flan", "orca1", "orca2"]
 
 
-def _examples(right_of_100: int, system: str, tasks=("t1", "t2")) -> pd.DataFrame:
-    """100 examples per task, the first `right_of_100` answered right."""
+def _examples(right_of_100: int, system: str, tasks=("t1", "t2"), first: int = 0) -> pd.DataFrame:
+    """100 examples per task: items first .. first + right_of_100 - 1 answered right."""
     return pd.DataFrame([
         {"benchmark": "procedural-heldout", "task": task, "id": f"{task}-{i}", "system_message": system,
-         "prompt": "q", "output": "o", "strict": None, "flexible": None, "gold": "a", "correct_strict": i < right_of_100,
-         "correct_flexible": i < right_of_100, "format_ok": True, "finish_reason": "stop", "output_tokens": 5}
+         "prompt": "q", "output": "o", "strict": None, "flexible": None, "gold": "a",
+         "correct_strict": first <= i < first + right_of_100, "correct_flexible": first <= i < first + right_of_100,
+         "format_ok": True, "finish_reason": "stop", "output_tokens": 5}
         for task in tasks for i in range(100)])
 
 
-def _summary(rights: dict[str, int]) -> pd.DataFrame:
-    frames = []
+def _results(rights: dict[str, int | tuple[int, int]]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    """(summary, per-example results) of models answering `right` (or (right, first item)) of 100 per task
+    under the empty system message, and none under the cautious one."""
+    frames, examples = [], {}
     for model, right in rights.items():
-        for system in ("empty", "cautious"):
-            s = summarize(_examples(right if system == "empty" else 0, system), samples=300, seed=0)
-            frames.append(s.assign(model=model)[["model", *s.columns]])
-    return pd.concat(frames, ignore_index=True)
+        right, first = right if isinstance(right, tuple) else (right, 0)
+        examples[model] = pd.concat([_examples(right, "empty", first=first), _examples(0, "cautious")],
+                                    ignore_index=True)
+        s = summarize(examples[model], samples=300, seed=0)
+        frames.append(s.assign(model=model)[["model", *s.columns]])
+    return pd.concat(frames, ignore_index=True), examples
 
 
-def test_each_stage_is_compared_with_the_one_before_and_the_verdict_says_whether_all_are_separate():
-    summary = _summary({"base": 0, "flan": 10, "orca1": 30, "orca2": 33})
-    rows = findings.curriculum(summary, MODELS, "empty")
+def test_each_stage_is_judged_by_its_paired_difference_with_the_one_before():
+    # orca2 answers 33 items, but a different block (items 40-72) from orca1's (0-29): a noisy step.
+    summary, examples = _results({"base": 0, "flan": 10, "orca1": 30, "orca2": (33, 40)})
+    rows = findings.curriculum(summary, examples, MODELS, "empty", samples=1000, seed=0)
     assert [r["model"] for r in rows] == MODELS
     assert [r["accuracy"] for r in rows] == pytest.approx([0.0, 0.10, 0.30, 0.33])
     assert all(r["n"] == 200 and r["tasks"] == 2 for r in rows)
-    assert [r["vs_previous"] for r in rows] == ["", "separate", "separate", "overlap"]
-    assert rows[2]["delta"] == pytest.approx(0.20)
+    assert [r["vs_previous"] for r in rows] == ["", "above", "above", "no difference"]
+    assert rows[0]["difference"] is None and rows[2]["difference"] == pytest.approx(0.20)
+    # Golden CIs (seed 0): flan vs base, orca1 vs flan (20 more right per task), orca2 vs orca1 (+33 / -30 per task).
+    assert [bound for r in rows[1:] for bound in (r["difference_low"], r["difference_high"])] == pytest.approx(
+        [0.06, 0.14, 0.145, 0.255, -0.075, 0.135125])
+    assert [(t["task"], t["n"], t["vs"]) for t in rows[3]["by_task"]] == [("t1", 100, "no difference"),
+                                                                           ("t2", 100, "no difference")]
     assert not findings.ordering_holds(rows) and findings.ordering_holds(rows[:3])
     assert findings.verdict(rows) == ("**Does not hold** (orca2 > orca1 > flan > base expected): "
-                                      "orca1 -> orca2 (overlap).")
-    assert findings.verdict(rows[:3]).startswith("**Holds**: orca1 > flan > base")
+                                      "orca1 -> orca2 (no difference: +3.0 [-7.5, 13.5] pts).")
+    assert findings.verdict(rows[:3]) == ("**Holds**: orca1 > flan > base, every step's paired difference with a "
+                                          "95% CI above 0.")
+    assert findings.verdict(rows[:1]) == "Only one stage was evaluated: no ordering to check."
     header, body = findings.curriculum_table(rows)
-    assert header == ["model", "accuracy % [95% CI]", "examples", "tasks", "vs previous"]
-    assert body[2][0] == "orca1" and body[2][2:] == ["200", "2", "+20.0 pts, CIs separate"]
+    assert header == ["model", "accuracy % [95% CI]", "examples", "tasks", "difference vs previous, pts [95% CI]",
+                      "vs previous"]
+    assert body[0][2:] == ["200", "2", "", ""]
+    assert body[2][0] == "orca1" and body[2][2:] == ["200", "2", "+20.0 [14.5, 25.5]", "above"]
+    header, body = findings.by_task_table(rows)
+    assert header == ["task", "flan vs base", "orca1 vs flan", "orca2 vs orca1"]
+    assert body[0] == ["t1", "+10.0 [4.0, 16.0]", "+20.0 [12.0, 28.0]", "+3.0 [-14.0, 19.0]"] and body[1][0] == "t2"
     # A stage that got worse is "below"; the other system message is judged on its own rows.
-    worse = findings.curriculum(_summary({"flan": 30, "orca1": 10}), ["flan", "orca1"], "empty")
-    assert worse[1]["vs_previous"] == "below"
-    assert [r["accuracy"] for r in findings.curriculum(summary, MODELS, "cautious")] == [0.0] * 4
+    worse = findings.curriculum(*_results({"flan": 30, "orca1": 10}), ["flan", "orca1"], "empty")
+    assert worse[1]["vs_previous"] == "below" and worse[1]["difference_high"] < 0
+    assert findings.verdict(worse) == "**Does not hold** (orca1 > flan expected): flan -> orca1 (below: -20.0 [-25.5, -14.5] pts)."
+    cautious = findings.curriculum(summary, examples, MODELS, "cautious")
+    assert [r["accuracy"] for r in cautious] == [0.0] * 4 and [r["vs_previous"] for r in cautious[1:]] == ["no difference"] * 3
 
 
-def test_comparing_two_final_stages_uses_their_cis():
-    a = findings.final_stage(_summary({"orca2": 40}), "orca2", "empty")
-    b = findings.final_stage(_summary({"orca2": 20}), "orca2", "empty")
-    assert findings.compare(a, b) == "separate" and findings.compare(b, a) == "below"
-    assert findings.compare(a, a) == "overlap"
+def test_overlapping_cis_with_a_paired_difference_above_zero_is_called_above():
+    # orca2 gets right every item orca1 does, and 3 more per task: its accuracy CI overlaps orca1's
+    # widely, yet on the same items it is never worse, and the difference's CI excludes 0.
+    summary, examples = _results({"orca1": 30, "orca2": 33})
+    orca1, orca2 = findings.curriculum(summary, examples, ["orca1", "orca2"], "empty", samples=1000, seed=0)
+    assert orca2["low"] < orca1["high"]  # the unpaired intervals overlap
+    assert [orca2["difference"], orca2["difference_low"], orca2["difference_high"]] == pytest.approx([0.03, 0.01, 0.055])
+    assert orca2["vs_previous"] == "above"
+    assert findings.ordering_holds([orca1, orca2])
+
+
+def test_identical_models_differ_by_zero_and_are_not_called():
+    summary, examples = _results({"orca1": 30, "orca2": 30})
+    step = findings.curriculum(summary, examples, ["orca1", "orca2"], "empty")[1]
+    assert (step["difference"], step["difference_low"], step["difference_high"], step["vs_previous"]) == (
+        0.0, 0.0, 0.0, "no difference")
+    assert findings.curriculum_table([step, step])[1][1][4] == "+0.0 [0.0, 0.0]"
+
+
+def test_two_recipes_final_stages_are_paired_on_the_items_both_answered():
+    a = findings.final_stage(_results({"orca2": 40})[0], "orca2", "empty")
+    assert (a["model"], a["accuracy"], a["n"], a["tasks"]) == ("orca2", 0.4, 200, 2)
     with pytest.raises(ValueError, match="no 'empty' results for model 'orca9'"):
-        findings.final_stage(_summary({"orca2": 40}), "orca9", "empty")
+        findings.final_stage(_results({"orca2": 40})[0], "orca9", "empty")
+    explained = _examples(40, "empty")
+    answers = _examples(20, "cautious")  # the control's headline message differs: paired on the item
+    step = findings.paired(explained, answers, ("empty", "cautious"), samples=1000, seed=0)
+    assert (step["difference"], step["vs"], step["pairs"], step["only_a"], step["only_b"]) == (0.2, "above", 200, 0, 0)
+    assert [step["difference_low"], step["difference_high"]] == pytest.approx([0.145, 0.255])
+    fewer = answers[answers["id"] != "t2-99"]
+    with pytest.raises(ValueError, match=r"task 't2', system message 'empty': 1 id\(s\) only in tiny, 0 only in control"):
+        findings.paired(explained, fewer, ("empty", "cautious"), names=("tiny", "control"))
+    step = findings.paired(explained, fewer, ("empty", "cautious"), intersect=True)
+    assert (step["pairs"], step["only_a"], step["only_b"]) == (199, 1, 0)
+    with pytest.raises(ValueError, match="no items in common"):
+        findings.paired(explained, answers, ("empty", "native"), intersect=True)
 
 
 def test_strategy_summary_and_the_findings_plot(tmp_path):
@@ -76,8 +125,8 @@ def test_strategy_summary_and_the_findings_plot(tmp_path):
     header, body = findings.strategy_table(table, "cautious")
     assert body == [["arith", "step-by-step", "step-by-step", "step-by-step", "75.0%", "4"],
                     ["needle", "extract-generate", "extract-generate", "extract-generate", "75.0%", "4"]]
-    summary = _summary({"base": 0, "flan": 10, "orca1": 30, "orca2": 45})
-    curricula = {m: findings.curriculum(summary, MODELS, m) for m in ("empty", "cautious")}
+    summary, examples = _results({"base": 0, "flan": 10, "orca1": 30, "orca2": 45})
+    curricula = {m: findings.curriculum(summary, examples, MODELS, m) for m in ("empty", "cautious")}
     findings.plot(curricula, "empty", table, "cautious", tmp_path / "findings.png")
     findings.plot(curricula, "empty", None, None, tmp_path / "alone.png")
     wide, narrow = Image.open(tmp_path / "findings.png"), Image.open(tmp_path / "alone.png")

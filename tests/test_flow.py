@@ -122,8 +122,11 @@ def test_the_report_states_the_findings_with_seed_recipe_hash_and_example_counts
     assert [r["model"] for r in found["curriculum"]] == ["flan", "orca1", "orca2"]
     assert all(r["n"] == 40 and r["tasks"] == 8 and r["low"] <= r["accuracy"] <= r["high"] for r in found["curriculum"])
     assert [r["vs_previous"] for r in found["curriculum"]][0] == ""
-    assert all(r["vs_previous"] in ("separate", "overlap", "below") for r in found["curriculum"][1:])
-    assert found["ordering_holds"] == all(r["vs_previous"] == "separate" for r in found["curriculum"][1:])
+    assert all(r["vs_previous"] in ("above", "no difference", "below") for r in found["curriculum"][1:])
+    assert found["ordering_holds"] == all(r["vs_previous"] == "above" for r in found["curriculum"][1:])
+    for prev, r in zip(found["curriculum"], found["curriculum"][1:]):  # paired: the difference of the same items
+        assert r["difference_low"] <= r["difference"] <= r["difference_high"]
+        assert abs(r["difference"] - (r["accuracy"] - prev["accuracy"])) < 1e-9
     usage = found["strategy_usage"]
     assert usage["model"] == "orca2" and usage["families"] == 8 and usage["n"] == 40
     assert 0 <= usage["follows"] <= 1 and 1 <= usage["student_strategies"] <= 6
@@ -134,7 +137,8 @@ def test_the_report_states_the_findings_with_seed_recipe_hash_and_example_counts
     assert f"Seed {recipe.seed}, recipe smoke (hash {recipe_hash(recipe)[:12]})" in one
     assert "40 held-out examples per stage over 8 tasks" in one
     table = one[one.index("| model |"):].split("\n\n")[0].splitlines()
-    assert table[0] == "| model | accuracy % [95% CI] | examples | tasks | vs previous |"
+    assert table[0] == ("| model | accuracy % [95% CI] | examples | tasks | difference vs previous, pts [95% CI] "
+                        "| vs previous |")
     assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| flan", "| orca1", "| orca2"]
     assert all(row.split(" | ")[2:4] == ["40", "8"] for row in table[2:])
     two = text[text.index("## Finding 2"):text.index("## Finding 3")]

@@ -14,12 +14,18 @@ from orca_core.recipe import load_recipe
 from orca_core.steps import SOURCES, components, plan_key
 
 
+CODE = {"modules": {"orca_core/x.py": "ef" * 32}, "libraries": {"torch": "2.13.0"}}
+
+
 def test_golden_key_pins_the_canonical_form():
-    comps = key_components("demo", 3, {"b": [1, 2.5, "é"], "a": None, "lr": 1e-4}, {"up": "ab" * 32}, {"f": "cd" * 32})
-    assert canonical_json(comps).startswith('{"config":{"a":null,"b":[1,2.5,"é"],"lr":0.0001},"inputs"')
-    assert step_key(comps) == "e996a2ee606b0f8bba696736f49435c68ad745aa556483b946d08bd08f75458a"
+    comps = key_components("demo", 3, {"b": [1, 2.5, "é"], "a": None, "lr": 1e-4}, {"up": "ab" * 32}, {"f": "cd" * 32},
+                           CODE)
+    assert canonical_json(comps).startswith('{"code":{"libraries":{"torch":"2.13.0"},"modules":{"orca_core/x.py":"efef')
+    assert '"config":{"a":null,"b":[1,2.5,"é"],"lr":0.0001},"inputs"' in canonical_json(comps)
+    assert step_key(comps) == "42ba28ac835f8a3df3d6fb1901680b21b11d4861971c16de59bfb70531c384ec"
     # Key order and float spelling do not matter.
-    same = key_components("demo", 3, {"lr": 0.0001, "a": None, "b": [1, 2.50, "é"]}, {"up": "ab" * 32}, {"f": "cd" * 32})
+    same = key_components("demo", 3, {"lr": 0.0001, "a": None, "b": [1, 2.50, "é"]}, {"up": "ab" * 32}, {"f": "cd" * 32},
+                          CODE)
     assert step_key(same) == step_key(comps)
 
 

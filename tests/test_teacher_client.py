@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from orca_core import steps
-from orca_core.generate import STRATEGIES_FILE, StepContext
+from orca_core.context import StepContext
+from orca_core.traces import STRATEGIES_FILE
 from orca_core.prompts import STRATEGIES, chat
 from orca_core.recipe import load_recipe
 from orca_core.recipe.models import TeacherEndpoint

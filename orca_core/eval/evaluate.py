@@ -28,6 +28,7 @@ from orca_core.eval.backends import GenerationSettings, backend_version, chat_pr
 from orca_core.eval.benchmarks import BenchmarkSpec, Example, examples_digest, load_benchmark
 from orca_core.eval.metrics import summarize
 from orca_core.eval.score import score
+from orca_core.code_digest import code_components
 from orca_core.keys import canonical_json, file_sha256, key_components, sha256_text, step_key
 from orca_core.prompts import chat
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
@@ -36,7 +37,9 @@ from orca_core.store import ArtifactRef, ArtifactStore
 log = logging.getLogger(__name__)
 
 RESULTS_STEP = "eval-results"
-RESULTS_VERSION = 1  # bump when scoring or the result files change
+RESULTS_VERSION = 1  # bump for what the code digest cannot see (a library's behaviour)
+# Generation (this module's backends and the vLLM child) and scoring: their code is in every result's key.
+RESULTS_CODE = ("orca_core.eval.evaluate", "orca_core.eval.vllm_generate")
 EXAMPLES_FILE = "examples.parquet"
 SUMMARY_FILE = "summary.parquet"
 SYSTEM_MESSAGES = {"empty": "", "cautious": ORCA2_CAUTIOUS_SYSTEM_MESSAGE}
@@ -123,7 +126,7 @@ def result_components(digest: str, job: Job, settings: GenerationSettings) -> di
             sha256_text(canonical_json(list(job.systems))) if job.systems else sha256_text(SYSTEM_MESSAGES[job.system_message]))},
         "generation": {**generation, "backend_version": backend_version(settings), "decoding": "greedy"},
     }
-    return key_components(RESULTS_STEP, RESULTS_VERSION, config)
+    return key_components(RESULTS_STEP, RESULTS_VERSION, config, code=code_components(RESULTS_CODE))
 
 
 def score_job(job: Job, generations: list[Any]) -> pa.Table:

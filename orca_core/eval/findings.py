@@ -1,27 +1,33 @@
 """The findings a run must show (Orca's, at any scale), read off the evaluation.
 
-1. Each curriculum stage beats the one before it on the macro average, with
-   95 % bootstrap CIs that do not overlap (`curriculum`).
+1. Each curriculum stage beats the one before it on the macro average: the
+   paired difference on the items both answered has a 95 % CI above 0
+   (`curriculum`).
 2. Explanation tuning beats answer imitation at the same token budget: a
-   recipe's final stage against an answers-only recipe's (`compare`, used by
+   recipe's final stage against an answers-only recipe's (`paired`, used by
    `orca compare`).
 3. The final student picks a strategy per task family when it is given only
    the generic system message (`strategy_usage.usage`, summarised here).
 
 Each function returns plain rows (lists of dicts) that the report renders as
-tables and plots; "separate" means the lower CI bound of a model is above the
-upper bound of the one it is compared with.
+tables and plots. Every model is scored on the same items, so a step is judged
+by the paired difference (metrics.paired_differences), never by whether two
+accuracy CIs overlap: "above" / "below" when its CI excludes 0, else
+"no difference" (metrics.direction).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 
-from orca_core.eval.metrics import ALL_TASKS, SUITE
+from orca_core.eval.metrics import (ABOVE, ALL_TASKS, PAIR_KEYS, SUITE, direction, pair_examples,
+                                    paired_differences)
 from orca_core.eval.strategy_usage import distinct_strategies
+
+PAIRED_COLUMNS = [*PAIR_KEYS, "correct_flexible"]  # what findings read of each model's examples.parquet
 
 
 def macro_rows(summary: pd.DataFrame, system_message: str) -> pd.DataFrame:
@@ -35,42 +41,72 @@ def macro_rows(summary: pd.DataFrame, system_message: str) -> pd.DataFrame:
     return macro
 
 
-def _tasks(summary: pd.DataFrame, model: str, system_message: str) -> int:
-    rows = summary[(summary["model"] == model) & (summary["system_message"] == system_message)
-                   & (summary["task"] != ALL_TASKS) & (summary["benchmark"] != SUITE)]
-    return int(rows["task"].nunique())
+def _model_row(summary: pd.DataFrame, macro: pd.Series, model: str, system_message: str) -> dict[str, Any]:
+    """A model's macro accuracy (flexible) with its CI, examples and tasks."""
+    tasks = summary[(summary["model"] == model) & (summary["system_message"] == system_message)
+                    & (summary["task"] != ALL_TASKS) & (summary["benchmark"] != SUITE)]["task"].nunique()
+    return {"model": model, "accuracy": float(macro["accuracy_flexible"]), "low": float(macro["low_flexible"]),
+            "high": float(macro["high_flexible"]), "n": int(macro["n"]), "tasks": int(tasks)}
 
 
-def curriculum(summary: pd.DataFrame, models: Sequence[str], system_message: str) -> list[dict[str, Any]]:
+def paired(a: pd.DataFrame, b: pd.DataFrame, system_messages: str | tuple[str, str], *, samples: int = 1000,
+           seed: int = 0, intersect: bool = False, names: tuple[str, str] = ("A", "B")) -> dict[str, Any]:
+    """A - B in flexible macro accuracy on the items both answered, from their per-example results.
+
+    `system_messages`: the one both are judged under, or (A's, B's) to set two recipes' headline
+    messages against each other. Returns the difference over benchmarks with its 95% CI and call
+    ("above" / "below" / "no difference"), the items paired, per task the same, and the ids only
+    one model has (an error unless `intersect`).
+    """
+    mine, theirs = (system_messages, system_messages) if isinstance(system_messages, str) else system_messages
+    b = b[b["system_message"] == theirs].assign(system_message=mine)  # paired on the item, whatever the message
+    pairs, unmatched = pair_examples(a[a["system_message"] == mine], b, intersect=intersect, names=names)
+    if not len(pairs):
+        raise ValueError(f"{names[0]} ({mine} system message) and {names[1]} ({theirs}) have no items in common")
+    table = paired_differences(pairs, samples=samples, seed=seed)
+    top = table[table["benchmark"] == SUITE].iloc[0]
+    single = pairs["benchmark"].nunique() == 1  # tasks need no benchmark prefix
+    return {"difference": float(top["difference"]), "difference_low": float(top["low"]),
+            "difference_high": float(top["high"]), "vs": direction(top["low"], top["high"]), "pairs": int(top["n"]),
+            "by_task": [{"task": r.task if single else f"{r.benchmark} / {r.task}", "n": int(r.n),
+                         "difference": float(r.difference), "low": float(r.low), "high": float(r.high),
+                         "vs": direction(r.low, r.high)}
+                        for r in table[(table["task"] != ALL_TASKS) & (table["benchmark"] != SUITE)].itertuples()],
+            "only_a": int(unmatched["only_a"].sum()), "only_b": int(unmatched["only_b"].sum())}
+
+
+def curriculum(summary: pd.DataFrame, examples: Mapping[str, pd.DataFrame], models: Sequence[str],
+               system_message: str, *, samples: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
     """Per model in curriculum order: macro accuracy (flexible) with CI, examples, and the step from the previous model.
 
-    `vs_previous` is "separate" when this model's CI lies wholly above the previous model's,
-    "below" when wholly below, "overlap" otherwise ("" for the first model).
+    `examples` maps each model to its per-example results (examples.parquet). The step is the
+    paired difference with the previous model on the same items: `difference` with
+    `difference_low` / `difference_high` (its 95% CI), `by_task` the same per task, and
+    `vs_previous` "above" / "below" when the CI excludes 0, "no difference" otherwise ("" and
+    None for the first model).
     """
     macro = macro_rows(summary, system_message).set_index("model")
     rows: list[dict[str, Any]] = []
     for model in models:
         if model not in macro.index:
             continue
-        r = macro.loc[model]
-        row = {"model": model, "accuracy": float(r["accuracy_flexible"]), "low": float(r["low_flexible"]),
-               "high": float(r["high_flexible"]), "n": int(r["n"]), "tasks": _tasks(summary, model, system_message),
-               "delta": None, "vs_previous": ""}
+        row = {**_model_row(summary, macro.loc[model], model, system_message), "difference": None,
+               "difference_low": None, "difference_high": None, "vs_previous": "", "by_task": []}
         if rows:
-            row["delta"] = row["accuracy"] - rows[-1]["accuracy"]
-            row["vs_previous"] = compare(row, rows[-1])
+            previous = rows[-1]["model"]
+            if model not in examples or previous not in examples:
+                raise ValueError(f"no per-example results for model {model if model not in examples else previous!r}")
+            step = paired(examples[model], examples[previous], system_message, samples=samples, seed=seed,
+                          names=(model, previous))
+            row.update({k: step[k] for k in ("difference", "difference_low", "difference_high", "by_task")},
+                       vs_previous=step["vs"])
         rows.append(row)
     return rows
 
 
 def ordering_holds(rows: Sequence[dict[str, Any]]) -> bool:
-    """Whether every model in `rows` after the first is separately above the one before it."""
-    return len(rows) > 1 and all(r["vs_previous"] == "separate" for r in rows[1:])
-
-
-def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
-    """'separate' when a's CI lies wholly above b's, 'below' when wholly below, else 'overlap'."""
-    return "separate" if a["low"] > b["high"] else "below" if a["high"] < b["low"] else "overlap"
+    """Whether every model in `rows` after the first is above the one before it (paired CI above 0)."""
+    return len(rows) > 1 and all(r["vs_previous"] == ABOVE for r in rows[1:])
 
 
 def strategy_summary(table: pd.DataFrame, system_message: str) -> dict[str, Any]:
@@ -96,25 +132,48 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _points(x: float) -> str:
+    return f"{round(100 * x, 1) + 0.0:.1f}"  # + 0.0: no "-0.0"
+
+
+def difference_cell(difference: float, low: float, high: float) -> str:
+    """'+4.2 [1.1, 7.3]': a difference in percentage points with its 95% CI."""
+    return f"{'+' if round(100 * difference, 1) >= 0 else ''}{_points(difference)} [{_points(low)}, {_points(high)}]"
+
+
 def curriculum_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "accuracy % [95% CI]", "examples", "tasks", "vs previous"]
+    header = ["model", "accuracy % [95% CI]", "examples", "tasks", "difference vs previous, pts [95% CI]",
+              "vs previous"]
     body = []
     for r in rows:
-        step = "" if r["delta"] is None else f"{100 * r['delta']:+.1f} pts, CIs {r['vs_previous']}"
+        step = "" if r["difference"] is None else difference_cell(r["difference"], r["difference_low"],
+                                                                  r["difference_high"])
         body.append([r["model"], f"{_pct(r['accuracy'])} [{_pct(r['low'])}–{_pct(r['high'])}]", str(r["n"]),
-                     str(r["tasks"]), step])
+                     str(r["tasks"]), step, r["vs_previous"]])
+    return header, body
+
+
+def by_task_table(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Per task: each model's paired difference with the one before it, pts [95% CI]."""
+    steps = [(prev["model"], r) for prev, r in zip(rows, rows[1:])]
+    cells = {(r["model"], t["task"]): t for _, r in steps for t in r["by_task"]}
+    tasks = list(dict.fromkeys(t["task"] for _, r in steps for t in r["by_task"]))
+    header = ["task", *(f"{r['model']} vs {previous}" for previous, r in steps)]
+    body = [[task, *(difference_cell(c["difference"], c["low"], c["high"]) if (c := cells.get((r["model"], task)))
+                     else "–" for _, r in steps)] for task in tasks]
     return header, body
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """One sentence: does each stage beat the one before it with separate CIs?"""
+    """One sentence: is each stage above the one before it (paired difference, 95% CI above 0)?"""
     if len(rows) < 2:
         return "Only one stage was evaluated: no ordering to check."
     chain = " > ".join(r["model"] for r in reversed(rows))
     if ordering_holds(rows):
-        return f"**Holds**: {chain}, every step with non-overlapping 95% CIs."
-    failed = [f"{prev['model']} -> {r['model']} ({r['vs_previous']})" for prev, r in zip(rows, rows[1:])
-              if r["vs_previous"] != "separate"]
+        return f"**Holds**: {chain}, every step's paired difference with a 95% CI above 0."
+    failed = [f"{prev['model']} -> {r['model']} ({r['vs_previous']}: "
+              f"{difference_cell(r['difference'], r['difference_low'], r['difference_high'])} pts)"
+              for prev, r in zip(rows, rows[1:]) if r["vs_previous"] != ABOVE]
     return f"**Does not hold** ({chain} expected): " + ", ".join(failed) + "."
 
 
@@ -179,8 +238,9 @@ def plot(curricula: dict[str, list[dict[str, Any]]], headline: str, usage: pd.Da
 
 
 def final_stage(summary: pd.DataFrame, stage: str, system_message: str) -> dict[str, Any]:
-    """The macro row of one model (a recipe's final stage) as curriculum() reports it."""
-    rows = curriculum(summary, [stage], system_message)
-    if not rows:
+    """The macro row of one model (a recipe's final stage): accuracy with CI, examples, tasks."""
+    macro = macro_rows(summary, system_message)
+    rows = macro[macro["model"] == stage]
+    if not len(rows):
         raise ValueError(f"the report has no {system_message!r} results for model {stage!r}")
-    return rows[0]
+    return _model_row(summary, rows.iloc[0], stage, system_message)

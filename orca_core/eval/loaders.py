@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from orca_core.eval.benchmarks import BBH_TASKS, BenchmarkDataError, Example
+from orca_core.eval.benchmarks import BBH_TASKS, BenchmarkDataError, BenchmarkSpec, Example
 
 SUFFIXES = (".jsonl.gz", ".jsonl", ".json", ".parquet")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -154,12 +154,14 @@ def _pick_split(data: Any, split: str | None, where: str) -> tuple[Any, str]:
     return data[split], split
 
 
-def read_hub(benchmark: str, dataset: str, subset: str | None, split: str | None) -> list[Row]:
+def read_hub(spec: BenchmarkSpec) -> list[Row]:
+    """The rows of a hub dataset at the commit its eval step is keyed on (`spec.hub_commit()`)."""
     import datasets
 
+    benchmark, dataset, subset, split = spec.name, spec.dataset or "", spec.subset, spec.split
     try:
-        data = datasets.load_dataset(dataset, subset, split=split)
-    except Exception as error:  # offline, unknown name, no such split: all end the same way
+        data = datasets.load_dataset(dataset, subset, split=split, revision=spec.hub_commit())
+    except Exception as error:  # offline, unpinned, unknown name, no such split: all end the same way
         raise BenchmarkDataError(
             f"benchmark {benchmark}: cannot load dataset {dataset!r}"
             f"{f' ({subset})' if subset else ''} from the hub: {type(error).__name__}: {error}. "

@@ -9,6 +9,13 @@ A macro average (the mean of task accuracies, as Orca 2 reports BBH, MMLU, AGIEv
 gets a stratified bootstrap: each task is resampled within itself, independently,
 and the resampled task accuracies are averaged. Every group is bootstrapped with
 the same seed, so one benchmark's CI does not change when another is added.
+
+Two models answered the SAME items, so they are compared by the paired difference
+(`pair_examples`, `paired_differences`): each item's difference in correctness
+(+1, 0 or -1), resampled item by item within each task. Items both models get
+right (or wrong) move neither model, so the difference's CI is much tighter than
+two overlapping accuracy CIs suggest. A difference is called "above" or "below"
+only when its CI excludes 0 (`direction`).
 """
 
 from __future__ import annotations
@@ -41,13 +48,17 @@ def _outcomes(correct: Sequence[bool] | np.ndarray, name: str = "correct") -> np
     return values.astype(bool)
 
 
-def _stratified(strata: Sequence[np.ndarray], weights: Sequence[float], samples: int, seed: int,
-                level: float) -> tuple[float, float, float]:
-    """Weighted mean of per-stratum accuracies and its stratified percentile-bootstrap CI."""
+def _check_bootstrap(samples: int, level: float) -> None:
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _stratified(strata: Sequence[np.ndarray], weights: Sequence[float], samples: int, seed: int,
+                level: float) -> tuple[float, float, float]:
+    """Weighted mean of per-stratum accuracies and its stratified percentile-bootstrap CI."""
+    _check_bootstrap(samples, level)
     n = np.array([len(s) for s in strata], dtype=np.int64)
     if len(n) == 0 or (n == 0).any():
         return (float("nan"),) * 3
@@ -158,3 +169,107 @@ def suite_macro(examples: pd.DataFrame, samples: int = 1000, seed: int = 0, leve
         row = _macro_row(tasks, task_rows, weights, samples, seed, level)
         out.append({"benchmark": SUITE, "system_message": system, **row})
     return pd.DataFrame(out, columns=SUMMARY_COLUMNS)
+
+
+# -- paired differences: two models on the same items ---------------------------------------
+
+PAIR_KEYS = ["benchmark", "task", "system_message", "id"]  # what makes two rows the same item
+DIFFERENCE_COLUMNS = ["benchmark", "task", "system_message", "n", "difference", "low", "high"]
+ABOVE, BELOW, NO_DIFFERENCE = "above", "below", "no difference"
+
+
+def direction(low: float, high: float) -> str:
+    """The call on a difference A - B from its CI: "above" / "below" only when the CI excludes 0."""
+    return ABOVE if low > 0 else BELOW if high < 0 else NO_DIFFERENCE
+
+
+def _paired_stratified(strata: Sequence[np.ndarray], weights: Sequence[float], samples: int, seed: int,
+                       level: float) -> tuple[float, float, float]:
+    """Weighted mean of per-stratum mean differences (items of -1, 0, +1) and its stratified paired-bootstrap CI.
+
+    Resampling a stratum's n items with replacement, its mean difference depends only on how many
+    drawn items are +1 (A right, B wrong) and how many -1 (B right, A wrong): a Multinomial(n,
+    (p+, p-, p0)) draw, made here directly (O(samples x strata) memory, whatever n is).
+    """
+    _check_bootstrap(samples, level)
+    n = np.array([len(s) for s in strata], dtype=np.int64)
+    if len(n) == 0 or (n == 0).any():
+        return (float("nan"),) * 3
+    up = np.array([(s > 0).sum() for s in strata], dtype=np.int64)
+    down = np.array([(s < 0).sum() for s in strata], dtype=np.int64)
+    w = np.asarray(weights, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, np.stack([up, down, n - up - down], axis=1) / n[:, None], size=(samples, len(n)))
+    tail = (1 - level) / 2
+    low, high = np.quantile(((draws[..., 0] - draws[..., 1]) / n) @ w, [tail, 1 - tail])
+    difference = float(((up - down) / n) @ w)
+    return difference, float(min(low, difference)), float(max(high, difference))  # float noise, as in _stratified
+
+
+def _pairing_frame(frame: pd.DataFrame, column: str, name: str) -> pd.DataFrame:
+    missing = [c for c in [*PAIR_KEYS, column] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"per-example results of {name} lack column(s) {missing}; have {list(frame.columns)}")
+    rows = frame[[*PAIR_KEYS, column]]
+    for flags, problem in ((rows.duplicated(PAIR_KEYS), "appears twice"), (rows[column].isna(), f"has no {column}")):
+        if flags.any():
+            row = rows[flags.to_numpy()].iloc[0]
+            raise ValueError(f"per-example results of {name}: benchmark {row['benchmark']!r}, task {row['task']!r}, "
+                             f"system message {row['system_message']!r}: id {row['id']!r} {problem}")
+    return rows.assign(**{column: _outcomes(rows[column].to_numpy(), f"{name} {column}")})
+
+
+def pair_examples(a: pd.DataFrame, b: pd.DataFrame, column: str = "correct_flexible", *, intersect: bool = False,
+                  names: tuple[str, str] = ("A", "B")) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Join two models' per-example results (evaluate.py's examples.parquet) item by item.
+
+    Returns (pairs, unmatched). pairs: PAIR_KEYS plus "a" and "b", the two models' `column`
+    (booleans), in A's order. unmatched: per (benchmark, task, system message) with ids only one
+    model has, the counts "only_a" and "only_b". Such ids are an error naming the task and the
+    counts, unless `intersect` (then the pairs are the items both answered, and the caller says so).
+    """
+    left, right = (_pairing_frame(f, column, name).rename(columns={column: side}) for f, name, side
+                   in zip((a, b), names, ("a", "b")))
+    joined = left.merge(right, on=PAIR_KEYS, how="left", indicator=True)  # a left join keeps A's order
+    matched = (joined["_merge"] == "both").to_numpy()
+    only_b = right.merge(left[PAIR_KEYS], on=PAIR_KEYS, how="left", indicator=True)["_merge"] == "left_only"
+    strays = pd.concat([joined[~matched][PAIR_KEYS].assign(only_a=1, only_b=0),
+                        right[only_b.to_numpy()][PAIR_KEYS].assign(only_a=0, only_b=1)])
+    unmatched = (strays.groupby(["benchmark", "task", "system_message"], sort=False)[["only_a", "only_b"]].sum()
+                 .astype(int).reset_index())
+    if len(unmatched) and not intersect:
+        where = "; ".join(f"benchmark {r.benchmark!r}, task {r.task!r}, system message {r.system_message!r}: "
+                          f"{r.only_a} id(s) only in {names[0]}, {r.only_b} only in {names[1]}"
+                          for r in unmatched.itertuples())
+        raise ValueError(f"{names[0]} and {names[1]} did not answer the same items ({where})")
+    pairs = joined[matched][[*PAIR_KEYS, "a", "b"]].astype({"a": bool, "b": bool}).reset_index(drop=True)
+    return pairs, unmatched
+
+
+def paired_differences(pairs: pd.DataFrame, samples: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """A - B in accuracy with a paired, task-stratified percentile-bootstrap CI, from pair_examples()'s pairs.
+
+    Rows (DIFFERENCE_COLUMNS), per system message: each benchmark's macro row (task "(all)": the
+    mean of its task differences, as summarize() averages accuracies), then its task rows; then the
+    mean over benchmarks (benchmark "(suite)", as suite_macro() weights them; for one benchmark it
+    equals that benchmark's macro row). With the same items on both sides a macro difference is
+    exactly the difference of the two macro accuracies; only its CI is new.
+    """
+    out: list[dict] = []
+    for system, group in pairs.groupby("system_message", sort=False):
+        suite: list[np.ndarray] = []
+        weights: list[float] = []
+        benchmarks = list(group.groupby("benchmark", sort=False))
+        for benchmark, rows in benchmarks:
+            tasks = [(task, t["a"].to_numpy(int) - t["b"].to_numpy(int)) for task, t in rows.groupby("task", sort=True)]
+            strata = [d for _, d in tasks]
+            macro = _paired_stratified(strata, [1 / len(strata)] * len(strata), samples, seed, level)
+            out.append(dict(zip(DIFFERENCE_COLUMNS, (benchmark, ALL_TASKS, system, len(rows), *macro))))
+            out += [dict(zip(DIFFERENCE_COLUMNS, (benchmark, task, system, len(d),
+                                                  *_paired_stratified([d], [1.0], samples, seed, level))))
+                    for task, d in tasks]
+            suite += strata
+            weights += [1 / (len(benchmarks) * len(strata))] * len(strata)
+        out.append(dict(zip(DIFFERENCE_COLUMNS, (SUITE, ALL_TASKS, system, len(group),
+                                                 *_paired_stratified(suite, weights, samples, seed, level)))))
+    return pd.DataFrame(out, columns=DIFFERENCE_COLUMNS)

@@ -8,9 +8,9 @@ hugely (lm-eval-harness GSM8K: 0.20 vs 0.78 for one model), so both are kept.
 | kind       | strict                                              | flexible                                        |
 |------------|-----------------------------------------------------|-------------------------------------------------|
 | number     | "#### 18", "The answer is 18", "Answer: 18", boxed  | the last number anywhere in the output          |
-| mc         | a statement naming an option, "(B)" alone on a      | strict, else the last option named ("(B)" or    |
-|            | line, or an output that is just a letter            | its text), else the first lone capital letter   |
-|            |                                                     | (AGIEval's rule)                                |
+| mc         | a statement naming an option, "(B)" alone on a      | strict, else the last option named: its text,   |
+|            | line, or an output that is just a letter            | or its letter in answer context ("(B)", "option |
+|            |                                                     | B", a lone "B" line; never "A change is ...")   |
 | text       | an answer statement                                 | strict, else the last non-empty line            |
 | procedural | `answers.extract` (the trace filter's own rule)     | `answers.extract`                               |
 
@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from orca_core import answers
 from orca_core.eval.benchmarks import Example
 
-_LONE_LETTER = re.compile(r"^\s*\(?([A-Z])\)?\s*[.:]?\s*$")
-_FIRST_CAPITAL = re.compile(r"(?<![A-Za-z])\(?([A-Z])\)?(?![A-Za-z])")
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.IGNORECASE)
 
 
@@ -49,22 +47,17 @@ def letter_of(answer: str | None, options: tuple[str, ...]) -> str | None:
     """The option letter an extracted answer names (by letter or by option text), or None."""
     if answer is None:
         return None
-    lone = _LONE_LETTER.match(answer)
+    lone = answers.lone_letter(answer)
     if lone:
-        return lone.group(1) if ord(lone.group(1)) - 65 < len(options) else None
-    option = answers.to_option(answer, options)
-    return chr(65 + options.index(option)) if option in options else None
+        return lone if ord(lone) - 65 < len(options) else None
+    index = answers.option_index(answer, options)
+    return None if index is None else chr(65 + index)
 
 
 def _mc(output: str, options: tuple[str, ...]) -> tuple[str | None, str | None]:
-    lone = _LONE_LETTER.match(output)
     raw = answers.extract(output, options, map_options=False)  # letters stay letters: option texts can be "B"
-    strict = letter_of(lone.group(1) if lone else raw.strict, options)
-    flexible = strict or letter_of(raw.flexible, options)
-    if flexible is None:
-        first = next((m.group(1) for m in _FIRST_CAPITAL.finditer(output) if ord(m.group(1)) - 65 < len(options)), None)
-        flexible = first
-    return strict, flexible
+    strict = letter_of(answers.lone_letter(output) or raw.strict, options)
+    return strict, strict or letter_of(raw.flexible, options)
 
 
 def _number(output: str) -> tuple[str | None, str | None]:

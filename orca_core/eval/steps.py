@@ -19,20 +19,20 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from orca_core.curriculum import folder_hashes
-from orca_core.eval.backends import GenerationSettings
-from orca_core.eval.benchmarks import BenchmarkSpec, load_benchmark, suite_specs
+from orca_core.context import StepContext
 from orca_core.eval import findings as F
+from orca_core.eval.backends import GenerationSettings
 from orca_core.eval.evaluate import (EXAMPLES_FILE, SUMMARY_FILE, SYSTEM_MESSAGES, checkpoint_digest,
                                      evaluate_checkpoint, plan_jobs, write_results)
+from orca_core.eval.metrics import EXAMPLE_COLUMNS, suite_macro
 from orca_core.eval.native import native_prompter, stage_data_of
 from orca_core.eval.report import Section, table_rows, write_report
+from orca_core.eval.specs import benchmark_specs, file_hashes, spec_fields
 from orca_core.eval.strategy_usage import usage
-from orca_core.generate import TRACES_FILE, StepContext
-from orca_core.keys import file_sha256
 from orca_core.recipe.load import recipe_hash
 from orca_core.recipe.models import Recipe
 from orca_core.store import ArtifactStore
+from orca_core.traces import TRACES_FILE
 
 EVAL_WORK = ".eval-work"
 FINDINGS_FILE = "findings.json"
@@ -45,39 +45,10 @@ def models(recipe: Recipe) -> dict[str, str]:
     return {name: every[name] for name in chosen}
 
 
-def benchmark_specs(recipe: Recipe) -> list[BenchmarkSpec]:
-    if recipe.eval.suite == "custom":
-        return list(recipe.eval.benchmarks)
-    return suite_specs(recipe.eval.suite, Path(recipe.eval.data_dir).expanduser())
-
-
 def settings(recipe: Recipe) -> GenerationSettings:
     cfg = recipe.eval
     return GenerationSettings(backend=cfg.backend, max_new_tokens=cfg.max_new_tokens, dtype=cfg.dtype,
                               tensor_parallel_size=cfg.tensor_parallel_size, batch_size=cfg.batch_size)
-
-
-# -- decontamination: the filter steps read the eval benchmarks ---------------------------
-def contamination_specs(recipe: Recipe) -> list[BenchmarkSpec]:
-    """The recipe's real eval benchmarks, whole (the held-out split is checked by equality already)."""
-    if recipe.filters.contamination_ngram is None:
-        return []
-    return [spec.model_copy(update={"limit": None, "tasks": None}) for spec in benchmark_specs(recipe)
-            if spec.name != "procedural-heldout"]
-
-
-def contamination_reads(recipe: Recipe) -> dict[str, Any]:
-    specs = contamination_specs(recipe)
-    return {"decontaminate_against": [_spec_fields(s) for s in specs]} if specs else {}
-
-
-def contamination_inputs(recipe: Recipe) -> dict[str, Any]:
-    return _file_hashes(contamination_specs(recipe), recipe)
-
-
-def contamination_texts(recipe: Recipe) -> list[str]:
-    """Every prompt of the real eval benchmarks: training traces that overlap them are dropped."""
-    return [example.prompt for spec in contamination_specs(recipe) for example in load_benchmark(spec)]
 
 
 def eval_upstream(model_step: str | None):
@@ -88,37 +59,14 @@ def eval_upstream(model_step: str | None):
     return upstream
 
 
-def _spec_fields(spec: BenchmarkSpec) -> dict[str, Any]:
-    fields = spec.model_dump(mode="json")
-    if fields.get("path"):
-        fields["path"] = "<local data>"  # its files' hashes are the input
-    return fields
-
-
 def eval_reads(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.eval.model_dump(mode="json", exclude={"data_dir", "models", "batch_size"})
-    cfg["benchmarks"] = [_spec_fields(spec) for spec in benchmark_specs(recipe)]
+    cfg["benchmarks"] = [spec_fields(spec) for spec in benchmark_specs(recipe)]
     return {"eval": cfg, "seed": recipe.seed}
 
 
-def _file_hashes(specs: list[BenchmarkSpec], recipe: Recipe) -> dict[str, Any]:
-    """Content hashes of local benchmark files (never their paths)."""
-    hashes = {}
-    for spec in specs:
-        if spec.path:
-            path = Path(spec.path).expanduser()
-            if path.is_file():
-                hashes[spec.name] = {path.name: file_sha256(path)}
-            elif path.is_dir():
-                hashes[spec.name] = folder_hashes(str(path))
-            else:
-                raise FileNotFoundError(f"eval benchmark {spec.name}: {path} does not exist"
-                                        + (" (run `make bench-data`)" if recipe.eval.suite == "real-offline" else ""))
-    return {"benchmark_files": hashes} if hashes else {}
-
-
 def eval_inputs(recipe: Recipe) -> dict[str, Any]:
-    return _file_hashes(benchmark_specs(recipe), recipe)
+    return file_hashes(benchmark_specs(recipe), recipe)
 
 
 def progress_reporter(ctx: StepContext, label: str):
@@ -197,24 +145,36 @@ def generic_message_column(recipe: Recipe) -> str | None:
     return "native" if "native" in recipe.eval.system_messages else None
 
 
-def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: dict[str, Path],
-             out: Path) -> tuple[list[Section], dict[str, Any]]:
-    """The report's Findings sections (and findings.png), and their figures for the manifest."""
+def findings(recipe: Recipe, summary: pd.DataFrame, examples: dict[str, pd.DataFrame], names: list[str],
+             upstream: dict[str, Path], out: Path) -> tuple[list[Section], dict[str, Any]]:
+    """The report's Findings sections (and findings.png), and their figures for the manifest.
+
+    `examples`: each model's per-example results. Every model answered the same items, so each
+    step is judged by the paired difference on them.
+    """
     stages = [n for n in names if n != "base"]
     headline = recipe.eval.headline_system_message
-    curricula = {m: F.curriculum(summary, names, m) for m in recipe.eval.system_messages}
-    rows = F.curriculum(summary, stages, headline)  # judged without base: the ordering is about the stages
+    bootstrap = {"samples": recipe.eval.bootstrap_samples, "seed": recipe.seed}
+    curricula = {m: F.curriculum(summary, examples, names, m, **bootstrap) for m in recipe.eval.system_messages}
+    rows = F.curriculum(summary, examples, stages, headline, **bootstrap)  # without base: the ordering is the stages'
     n = rows[0]["n"] if rows else 0
     digest = recipe_hash(recipe)
     provenance = (f"Seed {recipe.seed}, recipe {recipe.name} (hash {digest[:12]}); "
                   f"{n} held-out examples per stage over {rows[0]['tasks'] if rows else 0} tasks, "
                   f"flexible extraction, {headline} system message; 95% CIs from "
-                  f"{recipe.eval.bootstrap_samples} stratified bootstrap resamples.")
+                  f"{recipe.eval.bootstrap_samples} stratified bootstrap resamples, the differences paired "
+                  "item by item (both models answered the same items).")
     sections = [Section(
         "Finding 1: each curriculum stage improves on the last",
         [F.verdict(rows), provenance],
         F.curriculum_table(curricula[headline]),
         "findings.png")]
+    if len(curricula[headline]) > 1:
+        sections.append(Section(
+            "Finding 1 per task: difference with the previous model, pts [95% CI]",
+            [f"Paired on the same items within each task, {headline} system message; "
+             "a task's CI that excludes 0 is a step up (or down) on that task alone."],
+            F.by_task_table(curricula[headline])))
     stats: dict[str, Any] = {"seed": recipe.seed, "recipe_hash": digest,
                              "headline_system_message": headline, "curriculum": rows,
                              "ordering_holds": F.ordering_holds(rows)}
@@ -248,21 +208,27 @@ def findings(recipe: Recipe, summary: pd.DataFrame, names: list[str], upstream: 
          f"{recipe.name}`." if answers_only else
          "Measured by a second recipe that trains every stage on answers only, with this recipe's step budget "
          "(configs/tiny-answers-only.yaml is tiny's): run both, then "
-         f"`orca compare {recipe.name} <answers-only recipe>` sets their final stages side by side with 95% CIs."]))
+         f"`orca compare {recipe.name} <answers-only recipe>` gives the paired difference of their final stages "
+         "with its 95% CI."]))
     return sections, stats
 
 
 def build_report(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     names = list(models(recipe))
-    summaries = []
+    summaries, examples = [], {}
     for name in names:
         summary = pq.read_table(upstream[f"eval-{name}"] / SUMMARY_FILE).to_pandas()
+        examples[name] = pq.read_table(upstream[f"eval-{name}"] / EXAMPLES_FILE,
+                                       columns=["id", *EXAMPLE_COLUMNS]).to_pandas()
+        if examples[name]["benchmark"].nunique() > 1:  # the "average" column, and what findings judge
+            summary = pd.concat([summary, suite_macro(examples[name], recipe.eval.bootstrap_samples, recipe.seed)],
+                                ignore_index=True)
         summaries.append(summary.assign(model=name)[["model", *summary.columns]])
     summary = pd.concat(summaries, ignore_index=True)
     loss_curves = {name: upstream[step] / "metrics.parquet" for name, step in models(recipe).items()
                    if step.startswith("train-")}
     out.mkdir(parents=True, exist_ok=True)
-    sections, found = findings(recipe, summary, names, upstream, out)
+    sections, found = findings(recipe, summary, examples, names, upstream, out)
     write_report(summary, out, models=names, loss_curves=loss_curves,
                  title=f"{recipe.name}: zero-shot evaluation of each curriculum stage",
                  notes={"recipe": f"{recipe.name} (hash {found['recipe_hash'][:12]})", "seed": recipe.seed,

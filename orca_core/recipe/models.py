@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orca_core.eval.benchmarks import BenchmarkSpec
+from orca_core.hub import pinned_commit
 
 SubCollection = Literal["cot", "niv2", "t0", "flan2021", "dialog"]
 Strategy = Literal[
@@ -71,6 +72,9 @@ class FlanSources(Section):
 
     paths: list[str] = []  # local Parquet / JSONL / JSONL.gz files (globs allowed)
     dataset: str | None = None  # or a `datasets` name / local dataset folder
+    # Pins a hub `dataset`: a commit (40 hex digits: keyed and loaded offline too), or a branch/tag resolved
+    # to its commit when the run is planned; null = the default branch's commit then. Local data: leave null.
+    revision: str | None = None
     dataset_split: str = "train"
     zero_shot_only: bool = True
     # Target rows per sub-collection; null = all of it (Orca 1 took all of CoT).
@@ -84,7 +88,13 @@ class FlanSources(Section):
     def _one_input(self) -> FlanSources:
         if bool(self.paths) == bool(self.dataset):
             raise ValueError("set exactly one of `paths` or `dataset`")
+        if self.revision is not None and not self.dataset:
+            raise ValueError("`revision` pins a hub `dataset`; files in `paths` are keyed by their content")
         return self
+
+    def hub_commit(self) -> str | None:
+        """The commit of a hub `dataset` to key and load (resolved at planning); None for local data."""
+        return pinned_commit("dataset", self.dataset, self.revision, "sources.flan.dataset") if self.dataset else None
 
     @field_validator("counts")
     @classmethod
@@ -200,12 +210,28 @@ class FiltersConfig(Section):
 class TokenizerConfig(Section):
     kind: Literal["train_bpe", "pretrained"]
     path: str | None = None  # pretrained: a local folder or hub name
+    revision: str | None = None  # pins a hub `path`: a commit, or a branch/tag resolved at planning (as model.revision)
     vocab_size: int = Field(2048, gt=0)  # train_bpe only
+
+    @model_validator(mode="after")
+    def _revision_when_pretrained(self) -> TokenizerConfig:
+        if self.revision is not None and self.kind != "pretrained":
+            raise ValueError("revision pins a pretrained tokenizer's hub `path`; kind is 'train_bpe'")
+        return self
+
+    def hub_commit(self) -> str | None:
+        """The commit of a hub `path` to key and load (resolved at planning); None when trained or local."""
+        if self.kind != "pretrained" or not self.path:
+            return None
+        return pinned_commit("model", self.path, self.revision, "model.tokenizer.path")
 
 
 class ModelConfig(Section):
     kind: Literal["random_init", "pretrained"]
     path: str | None = None  # pretrained: a local folder or hub name
+    # Pins a hub `path`: a commit (40 hex digits: keyed and loaded offline too), or a branch/tag resolved to its
+    # commit when the run is planned; null = the default branch's commit then. A local folder: leave null.
+    revision: str | None = None
     architecture: dict[str, int | float | str | bool] = {}  # random_init: LlamaConfig fields
     tokenizer: TokenizerConfig
 
@@ -213,7 +239,15 @@ class ModelConfig(Section):
     def _path_when_pretrained(self) -> ModelConfig:
         if self.kind == "pretrained" and not self.path:
             raise ValueError("path is required when kind is 'pretrained'")
+        if self.kind != "pretrained" and self.revision is not None:
+            raise ValueError("revision pins a pretrained model's hub `path`; kind is 'random_init'")
         return self
+
+    def hub_commit(self) -> str | None:
+        """The commit of a hub `path` to key and load (resolved at planning); None for random init or local."""
+        if self.kind != "pretrained" or not self.path:
+            return None
+        return pinned_commit("model", self.path, self.revision, "model.path")
 
 
 class StageConfig(Section):

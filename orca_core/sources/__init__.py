@@ -8,7 +8,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from orca_core.recipe.models import SourcesConfig
+from orca_core.recipe.models import Recipe, SourcesConfig
 from orca_core.sources import flan, procedural
 from orca_core.sources.schema import SOURCE_SCHEMA, to_table, write_table
 
@@ -38,3 +38,8 @@ def build_sources(cfg: SourcesConfig, out_dir: Path) -> tuple[dict[str, int], di
         stats[f"{split}_by_sub_collection"] = dict(sorted(Counter(table["sub_collection"].to_pylist()).items()))
         stats[f"{split}_by_task"] = dict(sorted(Counter(table["task_name"].to_pylist()).items()))
     return {"train": train_table.num_rows, "heldout": heldout_table.num_rows}, stats
+
+
+def build_sources_step(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: Any):
+    """The `sources` step: the recipe's sources section, built into `out`."""
+    return build_sources(recipe.sources, out)

@@ -2,7 +2,8 @@
 
 Reads the real schema (`inputs`, `targets`, `task_source`, `task_name`,
 `template_type`; the underscore-prefixed names of some dumps are accepted)
-from local Parquet / JSONL / JSONL.gz files or a `datasets` name, keeps the
+from local Parquet / JSONL / JSONL.gz files or a `datasets` name (loaded at the
+commit its `revision` pins or resolves to: orca_core/hub.py), keeps the
 zero-shot templates, and samples per sub-collection:
 
 - CoT: all of it (or a random subset if the recipe caps it),
@@ -54,7 +55,7 @@ def input_hashes(cfg: FlanSources) -> list[str]:
     folder = Path(cfg.dataset or "").expanduser()
     if folder.is_dir():  # a local dataset folder: hash what is in it
         return sorted(file_sha256(p) for p in folder.rglob("*") if p.is_file())
-    return []  # a hub dataset name: the name is the input (in the step config)
+    return []  # a hub dataset: its name and commit are in the step config (FlanSources.hub_commit)
 
 
 def _read_file(path: Path) -> pa.Table:
@@ -81,7 +82,10 @@ def read_collection(cfg: FlanSources) -> pa.Table:
     import datasets
 
     folder = Path(cfg.dataset or "").expanduser()
-    ds = datasets.load_from_disk(str(folder)) if folder.is_dir() else datasets.load_dataset(cfg.dataset)
+    if folder.is_dir():
+        ds = datasets.load_from_disk(str(folder))
+    else:
+        ds = datasets.load_dataset(cfg.dataset, revision=cfg.hub_commit())  # the commit keyed on
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[cfg.dataset_split]
     table = ds.data.table

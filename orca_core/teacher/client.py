@@ -73,6 +73,11 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
     return sum(math.ceil(len(m["content"]) / 4) + 4 for m in messages)
 
 
+def call_cost(endpoint: TeacherEndpoint, prompt_tokens: int, completion_tokens: int) -> float:
+    """Dollars of a call at the endpoint's prices (what a run pays, what `orca plan` prices)."""
+    return prompt_tokens / 1000 * endpoint.price_prompt_per_1k + completion_tokens / 1000 * endpoint.price_completion_per_1k
+
+
 class TeacherClient:
     def __init__(self, endpoint: TeacherEndpoint, base_url: str, limiter: Limiter, session: aiohttp.ClientSession):
         self.endpoint, self.limiter, self.session = endpoint, limiter, session
@@ -90,8 +95,7 @@ class TeacherClient:
             self._headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        e = self.endpoint
-        return prompt_tokens / 1000 * e.price_prompt_per_1k + completion_tokens / 1000 * e.price_completion_per_1k
+        return call_cost(self.endpoint, prompt_tokens, completion_tokens)
 
     def _failure(self, reason: str, attempts: int, started: float, usage: dict | None = None) -> CallResult:
         usage = usage or {}
