@@ -27,7 +27,7 @@ from orca_core import data
 from orca_core.prompts import STRATEGIES, chat, pick_orca1_system_message
 from orca_core.recipe.models import ModelConfig, OracleSettings
 from orca_core.sources.procedural import generate_suite
-from orca_core.teacher.oracle_solver import OracleBook, respond
+from orca_oracle.solver import OracleBook, respond
 from orca_core.tokenizer import train_bpe
 from orca_core.train import TrainJob, collate, fit, shifted_targets, token_losses
 

@@ -66,7 +66,13 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
     if refusal is not None:  # the flow refuses too (a dashboard run); here before Prefect starts
         console.print(f"[red]refused: {refusal}[/red] (`orca plan` itemizes it)", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
-    outcomes = flows[only](recipe=recipe, overrides=set_ or [], **kwargs)
+    from tasks.step import NOT_RETRIED
+
+    try:
+        outcomes = flows[only](recipe=recipe, overrides=set_ or [], **kwargs)
+    except NOT_RETRIED as err:  # a refused key, an unknown model: the message says which endpoint and variable
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
     for column in ("step", "state", "why", "key", "rows", "seconds"):
         table.add_column(column)
@@ -333,9 +339,9 @@ def teacher_serve(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
                   sources: Annotated[list[str] | None, typer.Option("--sources", help="Source Parquet files (default: the recipe's sources artifact).")] = None,
                   port: int = typer.Option(8000, help="0 picks a free port."),
                   host: str = typer.Option("127.0.0.1", help="Bind address (keep it on loopback unless you mean it).")) -> None:
-    """Serve the recipe's oracle teachers (OpenAI-compatible: /v1/chat/completions, /v1/models, /stats)."""
+    """Serve the recipe's oracle teachers (OpenAI-compatible: chat completions, models, files, batches; /stats)."""
     from orca_core.steps import SOURCES
-    from orca_core.teacher.oracle import serve
+    from orca_oracle.server import serve
 
     resolved = _load(recipe, set_)
     models = {e.model: e.oracle or OracleSettings() for e in (resolved.teachers.assistant, resolved.teachers.strong)

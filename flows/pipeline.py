@@ -16,7 +16,9 @@ misses, teacher requests and dollars, training steps, eval prompts) as a
 markdown artifact and returns it, so a rerun from the dashboard can be checked
 first. A run whose plan costs more than `teachers.max_cost_usd` ends Cancelled
 before its first step, its message naming the budget (Cancelled, not Failed: a
-Failed flow run is retried, and the plan would only refuse again).
+Failed flow run is retried, and the plan would only refuse again). An error no
+retry can fix (a refused key, an unknown model: `tasks.step.NOT_RETRIED`) fails
+the run at once, without step or flow retries.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
 from prefect.states import Cancelled, State
 
 from flows.steps import run_steps
@@ -32,6 +36,7 @@ from orca_core.plan import make_plan, markdown
 from orca_core.recipe import load_recipe, recipe_hash
 from orca_core.recipe.models import Recipe
 from orca_core.steps import DATA_STEPS, steps_for
+from tasks.step import NOT_RETRIED
 
 
 def _load(recipe: str, overrides: list[str] | None) -> Recipe:
@@ -73,7 +78,18 @@ def _run(recipe: Recipe, names: list[str], dry_run: bool, summary_key: str, retr
     refusal = budget_refusal(recipe, names)
     if refusal is not None:
         return Cancelled(message=refusal)
-    return run_steps(recipe, names, retry_failed, summary_key=summary_key)
+    try:
+        return run_steps(recipe, names, retry_failed, summary_key=summary_key)
+    except NOT_RETRIED:
+        _no_flow_retries()  # its steps were not retried either (tasks.step.retry_unless_fatal)
+        raise
+
+
+def _no_flow_retries() -> None:
+    """Make this flow run's failure final: Prefect's server retries a Failed run while it has retries left."""
+    run = FlowRunContext.get().flow_run
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, empirical_policy=run.empirical_policy.model_copy(update={"retries": 0}))
 
 
 @flow(name="orca-pipeline", retries=1, retry_delay_seconds=30)

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = ("orca_core", "tasks", "flows")
+PROJECT_PACKAGES = ("orca_core", "orca_oracle", "tasks", "flows")
 NOT_CODE = ("orca_core.recipe",)  # config schema: its effect on a step is the config in the key
 # import name -> distributions that provide it (the first installed one counts)
 TRACKED_LIBRARIES = {

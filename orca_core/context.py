@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class StepContext:
     fanout: FanoutRunner | None = None
-    request_cache: Path | None = None
+    request_cache: str | Path | None = None  # the request cache folder: a path or an fsspec URL (s3://...)
     trainer: Callable[[Any, Path | None], dict[str, Any]] | None = None  # (TrainJob, resume checkpoint) -> summary
     work_root: Path | None = None  # <store>/.train-work: per-step folders that survive retries
     work_dir: Path | None = None  # this step's folder under work_root (set by run_step)

@@ -26,7 +26,9 @@ from orca_core.prompts import PROMPTS_VERSION, STRATEGIES, orca1_data
 from orca_core.recipe.models import Recipe, TeacherEndpoint
 from orca_core.sources import HELDOUT_FILE, TRAIN_FILE
 from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, assemble
+from orca_core.teacher.identity import endpoint_identity
 from orca_core.teacher.jobs import orca1_jobs, orca2_jobs, selection_jobs
+from orca_core.teacher.runner import run_fanout
 from orca_core.traces import SELECTION_FILE, STRATEGIES_FILE, TRACES_FILE, RequestCache
 
 log = logging.getLogger(__name__)
@@ -40,13 +42,11 @@ def prompts_digest() -> str:
 
 
 def teacher_identity(endpoint: TeacherEndpoint) -> dict[str, Any]:
-    """What decides a teacher's answers (not where it lives, its key, or its rate limits)."""
-    identity = endpoint.model_dump(mode="json", include={"kind", "model", "temperature", "top_p", "max_tokens",
-                                                         "context_window"})
-    if endpoint.oracle:
-        identity["oracle"] = endpoint.oracle.model_dump(include={"error_rate", "strategy_penalty", "explain_depth",
-                                                                  "context_window", "seed"})
-    return identity
+    """What decides a teacher's traces: who answers (the identity request ids carry), how it samples, how many
+    answers per prompt, and which prompts are never sent (context_window). Not its key, limits or prices."""
+    return {**endpoint_identity(endpoint),
+            **endpoint.model_dump(mode="json", include={"temperature", "top_p", "max_tokens", "context_window",
+                                                        "samples"})}
 
 
 # -- helpers -----------------------------------------------------------------------------
@@ -60,17 +60,19 @@ def _stream_rows(sources: Path, batch_rows: int = 4096) -> Iterator[dict[str, An
         yield from batch.to_pylist()
 
 
-def _run_fanout(plan: FanoutPlan, ctx: StepContext, sources: Path, out_file: Path) -> dict[str, Any]:
-    if ctx.fanout is None or ctx.request_cache is None:
-        raise RuntimeError("this step sends teacher requests: it needs a fan-out runner and a request cache")
+def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Path, out_file: Path) -> dict[str, Any]:
+    if ctx.request_cache is None:
+        raise RuntimeError("this step sends teacher requests: it needs a request cache")
     cache = RequestCache(ctx.request_cache)
-    report = ctx.fanout.run(plan, cache, [sources / TRAIN_FILE, sources / HELDOUT_FILE], ctx.sink, ctx.retry_failed)
+    report = run_fanout(plan, ctx.fanout, cache, [sources / TRAIN_FILE, sources / HELDOUT_FILE], ctx.sink,
+                        ctx.retry_failed, recipe.teachers.max_cost_usd)  # batch-mode roles via the Batch API
     try:
         stats = assemble(plan, cache, out_file)
     except FanoutIncomplete as err:
         reason = "the budget (teachers.max_cost_usd) is spent" if report.budget_exhausted else "the fan-out stopped early"
         raise FanoutIncomplete(f"{err}; {reason}") from None
     stats["this_run"] = {"found_in_cache": report.found_in_cache, "sent_jobs": report.sent_jobs,
+                         "shared_jobs": report.shared_jobs,
                          "requests": report.worker.get("requests", 0), "seconds": round(report.seconds, 2),
                          "cost_usd": report.worker.get("cost_micro_usd", 0) / 1e6,
                          "failures": report.worker.get("failures", {})}
@@ -97,7 +99,7 @@ def build_strategies(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: 
     stats: dict[str, Any] = {"tasks": len(tasks), "auto": len(auto)}
     if auto:
         samples, plan = selection_fanout(recipe, rows, auto)
-        stats["fanout"] = _run_fanout(plan, ctx, upstream["sources"], out / SELECTION_FILE)
+        stats["fanout"] = _run_fanout(recipe, plan, ctx, upstream["sources"], out / SELECTION_FILE)
         table_rows += score_selection(pq.read_table(out / SELECTION_FILE), samples)
     pq.write_table(pa.Table.from_pylist(table_rows), out / STRATEGIES_FILE)
     stats["chosen"] = {r["task_name"]: r["strategy"] for r in table_rows if r["chosen"]}
@@ -171,12 +173,12 @@ def orca2_fanout(recipe: Recipe, sources: Path, strategy_of: dict[str, str]) -> 
 
 def build_orca1_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     sources = upstream["sources"]
-    stats = _run_fanout(orca1_fanout(recipe, sources), ctx, sources, out / TRACES_FILE)
+    stats = _run_fanout(recipe, orca1_fanout(recipe, sources), ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats
 
 
 def build_orca2_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
     sources = upstream["sources"]
     plan = orca2_fanout(recipe, sources, chosen_strategies(upstream["strategies"]))
-    stats = _run_fanout(plan, ctx, sources, out / TRACES_FILE)
+    stats = _run_fanout(recipe, plan, ctx, sources, out / TRACES_FILE)
     return {"traces": stats["traces"]}, stats

@@ -104,16 +104,19 @@ def _fanout_of(name: str, recipe: Recipe, sources: Path, strategies: Path | None
 
 
 def _estimated_requests(name: str, recipe: Recipe, groups: list[tuple[str, str, int]]) -> dict[str, int]:
-    """Calls per role from the recipe's row counts: (task, sub-collection, rows) groups."""
-    p = recipe.prompts
+    """Calls per role from the recipe's row counts: (task, sub-collection, rows) groups (x the role's samples)."""
+    p, samples = recipe.prompts, {"assistant": recipe.teachers.assistant.samples, "strong": recipe.teachers.strong.samples}
     if name == "traces-orca1":
         answered = sum(n for _, sub, n in groups if sub != "dialog")  # dialog rows get no Orca 1 trace
-        return {"assistant": answered, "strong": round(answered * p.strong_fraction)}
+        return {"assistant": answered * samples["assistant"],
+                "strong": round(answered * p.strong_fraction) * samples["strong"]}
     wanted = wanted_strategies(recipe, [task for task, _, _ in groups])  # FLAN groups take the default
     if name == "strategies":
         per_sample = sum(calls(s) for s in strategy_candidates())
-        return {"strong": sum(min(p.selection_samples, n) * per_sample for task, _, n in groups if wanted[task] == "auto")}
-    return {"strong": sum(n * calls(LONGEST if wanted[task] == "auto" else wanted[task]) for task, _, n in groups)}
+        return {"strong": samples["strong"] * sum(min(p.selection_samples, n) * per_sample
+                                                  for task, _, n in groups if wanted[task] == "auto")}
+    return {"strong": samples["strong"] * sum(n * calls(LONGEST if wanted[task] == "auto" else wanted[task])
+                                              for task, _, n in groups)}
 
 
 # -- pricing ----------------------------------------------------------------------------------

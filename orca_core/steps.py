@@ -37,6 +37,7 @@ from orca_core.sources import flan as flan_source
 from orca_core.sources import procedural
 from orca_core.sources.procedural import reasoning_gym_version
 from orca_core.store import ArtifactRef, ArtifactStore
+from orca_core.teacher.identity import ORACLE_ENTRY
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def _oracle_code(*roles: str) -> Callable[[Recipe], tuple[str, ...]]:
     """The oracle server's code, when one of `roles` is the oracle: it writes the answers (in another process)."""
     def code(recipe: Recipe) -> tuple[str, ...]:
         oracle = any(getattr(recipe.teachers, role).kind == "oracle" for role in roles)
-        return ("orca_core.teacher.oracle_main",) if oracle else ()
+        return (ORACLE_ENTRY,) if oracle else ()
     return code
 
 

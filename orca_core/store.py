@@ -1,25 +1,42 @@
 """The artifact store: `<root>/<step>/<key>/` folders, published atomically.
 
-Each artifact folder holds the step's files plus
+Each artifact holds the step's files plus
 - `key.json`: every component of the step key (readable, enough to rebuild it),
 - `manifest.json`: every file with size and sha256, row counts and stats.
   Written last: an artifact without a manifest does not exist.
 
 The root is any fsspec URL. On a local root a step writes into a staging
 folder under `<root>/.staging/` and publishing is one `rename` (atomic: a
-kill at any moment leaves either no artifact or a whole one). On object
-stores, which have no rename, the files go up first and the manifest last.
-A cache hit needs the manifest to verify against the files; a corrupt or
-partial artifact is moved aside (local) or deleted (remote), logged, and
-rebuilt.
+kill at any moment leaves either no artifact or a whole one).
+
+Object stores (s3://...) have no rename. There each publish uploads its files
+under its own attempt prefix, `<step>/<key>/.attempts/<uuid>/`, then commits
+by writing `<step>/<key>/manifest.json` with a conditional put (`If-None-Match:
+*`), the manifest naming its attempt (`files_at`). Readers see a whole
+artifact or none; two writers of one key never touch each other's uploads:
+one manifest wins, the loser deletes only its own attempt. A server that
+ignores the condition overwrites instead, so every commit is read back to
+learn whose manifest stands (last writer wins; the other backs off). An
+attempt without a manifest (an upload in progress, or a killed writer) is not
+an artifact and is left alone.
+
+A cache hit needs the manifest to verify against the files; a corrupt
+artifact is moved aside (local) or uncommitted (remote: the manifest goes to
+`.corrupt/`, the files stay for inspection), logged, and rebuilt.
 
 Two runs that need the same artifact at once (two flows on one store) take
 turns through a per-artifact lock (`lock`): the second waits, then finds the
 first one's artifact instead of building (and paying for) it again.
+
+Credentials and endpoints of object stores come from the environment, the
+way their SDKs read it (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_ENDPOINT_URL, AWS_REGION), so every process (Ray workers included) that
+inherits it reaches the same store; recipes never hold secrets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,17 +55,30 @@ import fsspec
 from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
 
-from orca_core.keys import canonical_json, file_sha256
+from orca_core.keys import canonical_json, file_sha256, sha256_text
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 KEY_FILE = "key.json"
+ATTEMPTS = ".attempts"
 MANIFEST_SCHEMA = 1
 
 
 class CorruptArtifact(Exception):
-    """An artifact folder whose manifest is missing, unreadable, or does not match its files."""
+    """An artifact whose manifest is unreadable, or does not match its files."""
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path) of a store URL: a local path or any fsspec URL.
+
+    Object stores get no listing cache: other processes (fan-out actors, other runs)
+    add files all the time, and a stale listing would miss them.
+    """
+    protocol = fsspec.core.split_protocol(str(url))[0]
+    if protocol in (None, "file", "local"):
+        return fsspec.core.url_to_fs(str(url))
+    return fsspec.core.url_to_fs(str(url), use_listings_cache=False)
 
 
 @dataclass(frozen=True)
@@ -57,7 +87,7 @@ class ArtifactRef:
 
     step: str
     key: str
-    url: str  # the artifact folder, as a URL of the store's filesystem
+    url: str  # the folder holding the artifact's files, as a URL of the store's filesystem
 
     def file(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -65,7 +95,7 @@ class ArtifactRef:
 
 class ArtifactStore:
     def __init__(self, root: str, verify: str = "sha256"):
-        self.fs, path = fsspec.core.url_to_fs(root)
+        self.fs, path = filesystem(root)
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.root = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
         self.protocol = "" if self.is_local else (self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0])
@@ -77,8 +107,8 @@ class ArtifactStore:
         """Hold the build of `<step>/<key>`; another process wanting it waits here.
 
         Local (and NFS/Lustre-mounted) roots use a lock file under `<root>/.locks/`; object stores
-        have no locks, and there two concurrent builders both publish the same content (the last
-        manifest wins), which is safe but may do the work twice.
+        have no locks, and there two concurrent builders both build; the first manifest wins and
+        the other publish returns it.
         """
         if not self.is_local:
             yield
@@ -104,8 +134,28 @@ class ArtifactStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def ref(self, step: str, key: str) -> ArtifactRef:
-        return ArtifactRef(step, key, self.url(step, key))
+    def _files_at(self, step: str, key: str, manifest: dict[str, Any]) -> list[str]:
+        """Path parts of the folder holding an artifact's files (an attempt prefix on object stores)."""
+        return [step, key, manifest["files_at"]] if manifest.get("files_at") else [step, key]
+
+    def ref(self, step: str, key: str, manifest: dict[str, Any] | None = None) -> ArtifactRef:
+        if self.is_local:
+            return ArtifactRef(step, key, self.url(step, key))
+        if manifest is None:
+            try:
+                manifest = self.read_json(step, key, MANIFEST)
+            except FileNotFoundError:
+                manifest = {}
+        return ArtifactRef(step, key, self.url(*self._files_at(step, key, manifest)))
+
+    def work_folder(self, name: str) -> Path:
+        """A local folder that outlives a step's retries (training checkpoints, generations in flight).
+
+        Inside the store when it is local; beside it on this machine when the store is remote.
+        """
+        if self.is_local:
+            return Path(self.root, name)
+        return Path(tempfile.gettempdir(), "orca-work", sha256_text(self.url())[:12], name)
 
     # -- reading -----------------------------------------------------------------
     def keys(self, step: str) -> list[str]:
@@ -121,94 +171,129 @@ class ArtifactStore:
         return sorted(found)
 
     def read_json(self, step: str, key: str, name: str) -> dict[str, Any]:
-        with self.fs.open(self._path(step, key, name), "r") as handle:
-            return json.load(handle)
+        """`manifest.json`, or a JSON file of the artifact (found where the manifest says)."""
+        if name == MANIFEST:
+            return json.loads(self.fs.cat_file(self._path(step, key, MANIFEST)))
+        manifest = {} if self.is_local else self.read_json(step, key, MANIFEST)
+        return json.loads(self.fs.cat_file(self._path(*self._files_at(step, key, manifest), name)))
 
     def manifest(self, ref: ArtifactRef) -> dict[str, Any]:
         return self.read_json(ref.step, ref.key, MANIFEST)
 
     def check(self, step: str, key: str) -> str:
         """'ok', 'absent', or 'corrupt: <reason>' — reads only, changes nothing."""
-        folder = self._path(step, key)
-        if not self.fs.exists(folder):
-            return "absent"
+        return self._checked(step, key)[0]
+
+    def _checked(self, step: str, key: str) -> tuple[str, bytes | None]:
+        """(status, the manifest's bytes when it could be read)."""
+        if self.is_local and not self.fs.exists(self._path(step, key)):
+            return "absent", None
         try:
-            self._verify(folder)
+            raw = self.fs.cat_file(self._path(step, key, MANIFEST))
+        except FileNotFoundError:
+            # Local: the folder came by rename with its manifest, so this is damage. Remote: an upload
+            # in progress or a writer killed before its commit: no artifact (yet), and not ours to delete.
+            return ("corrupt: manifest.json is missing (partial publish)" if self.is_local else "absent"), None
+        try:
+            self._verify(step, key, json.loads(raw))
+        except (ValueError, UnicodeDecodeError) as err:
+            return f"corrupt: manifest.json is unreadable ({err.__class__.__name__}: {err})", raw
         except CorruptArtifact as err:
-            return f"corrupt: {err}"
-        return "ok"
+            return f"corrupt: {err}", raw
+        return "ok", raw
 
     def lookup(self, step: str, key: str) -> ArtifactRef | None:
         """The verified artifact, or None. A corrupt one is logged and moved out of the way."""
-        status = self.check(step, key)
+        status, raw = self._checked(step, key)
         if status == "ok":
-            return self.ref(step, key)
+            return self.ref(step, key, json.loads(raw))
         if status != "absent":
             log.warning("artifact %s/%s is %s; moving it aside and rebuilding", step, key[:12], status)
-            self._quarantine(step, key)
+            self._quarantine(step, key, ".corrupt", raw)
         return None
 
-    def _verify(self, folder: str) -> dict[str, Any]:
+    def _verify(self, step: str, key: str, manifest: dict[str, Any]) -> None:
         try:
-            with self.fs.open(f"{folder}/{MANIFEST}", "r") as handle:
-                manifest = json.load(handle)
-            files = manifest["files"]
-        except FileNotFoundError:
-            raise CorruptArtifact("manifest.json is missing (partial publish)") from None
-        except (ValueError, KeyError, TypeError) as err:
+            folder = self._path(*self._files_at(step, key, manifest))
+            files = {name: (int(entry["size"]), entry["sha256"]) for name, entry in manifest["files"].items()}
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise CorruptArtifact(f"manifest.json is unreadable ({err.__class__.__name__}: {err})") from None
-        for name, expected in files.items():
-            path = f"{folder}/{name}"
-            if not self.fs.exists(path):
-                raise CorruptArtifact(f"{name} is missing")
-            size = self.fs.size(path)
-            if size != expected["size"]:
-                raise CorruptArtifact(f"{name} has {size} bytes, manifest says {expected['size']}")
-            if self.verify == "sha256" and self._sha256(path) != expected["sha256"]:
-                raise CorruptArtifact(f"{name} does not match its sha256")
-        return manifest
+        for name, (size, sha256) in files.items():
+            self._verify_file(self.fs, f"{folder}/{name}", name, size, sha256)
 
-    def _sha256(self, path: str) -> str:
-        if self.is_local:
-            return file_sha256(path)
-        import hashlib
-
-        digest = hashlib.sha256()
-        with self.fs.open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        return digest.hexdigest()
+    def _verify_file(self, fs: fsspec.AbstractFileSystem, path: str, name: str, size: int, sha256: str) -> None:
+        try:
+            found = fs.size(path)
+        except FileNotFoundError:
+            raise CorruptArtifact(f"{name} is missing") from None
+        if found != size:
+            raise CorruptArtifact(f"{name} has {found} bytes, manifest says {size}")
+        if self.verify == "sha256" and _sha256(fs, path) != sha256:
+            raise CorruptArtifact(f"{name} does not match its sha256")
 
     def supersede(self, step: str, key: str) -> None:
         """Move a valid artifact out of the way before it is rebuilt (kept under `.superseded/`)."""
         self._quarantine(step, key, ".superseded")
 
-    def _quarantine(self, step: str, key: str, folder_name: str = ".corrupt") -> None:
-        folder = self._path(step, key)
+    def _quarantine(self, step: str, key: str, folder_name: str, judged: bytes | None = None) -> None:
+        """Local: move the folder aside. Remote: uncommit (the manifest `judged` bad, if given, and only it)."""
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = f"{step}-{key}-{stamp}-{uuid.uuid4().hex[:6]}"
         if self.is_local:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-            aside = Path(self.root, folder_name, f"{step}-{key}-{stamp}-{uuid.uuid4().hex[:6]}")
-            aside.parent.mkdir(parents=True, exist_ok=True)
+            target = Path(self.root, folder_name, aside)
+            target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.rename(folder, aside)
-                log.warning("moved artifact %s/%s to %s", step, key[:12], aside)
+                os.rename(self._path(step, key), target)
+                log.warning("moved artifact %s/%s to %s", step, key[:12], target)
             except FileNotFoundError:
                 pass  # another process moved or replaced it first
-        else:
-            self.fs.rm(folder, recursive=True)
+            return
+        # Only the manifest goes (copied aside); its attempt's files stay where they are, and an
+        # attempt being uploaded by another writer is never touched.
+        path = self._path(step, key, MANIFEST)
+        try:
+            current = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return
+        if judged is not None and current != judged:
+            return  # republished since it was checked: not the one found bad
+        self.fs.pipe_file(self._path(folder_name, f"{aside}.json"), current)
+        self.fs.rm_file(path)
+        log.warning("uncommitted artifact %s/%s (its manifest is now %s/%s.json)", step, key[:12], folder_name, aside)
 
     def local_dir(self, ref: ArtifactRef, cache_dir: str | None = None) -> Path:
-        """A local folder with the artifact's files (the folder itself on a local store)."""
+        """A local folder with the artifact's files (the folder itself on a local store).
+
+        From a remote store: downloaded once per published attempt into `cache_dir`, each file
+        checked against the manifest, the manifest written last (a folder without it is partial).
+        """
         if self.is_local:
             return Path(self._path(ref.step, ref.key))
-        target = Path(cache_dir or Path(tempfile.gettempdir()) / "orca-store-cache", ref.step, ref.key)
-        if not (target / MANIFEST).exists():
-            staging = target.with_name(f".{ref.key}-{uuid.uuid4().hex[:8]}")
-            self.fs.get(self._path(ref.step, ref.key) + "/", str(staging), recursive=True)
-            try:
-                os.rename(staging, target)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # a concurrent download won
+        manifest = self.read_json(ref.step, ref.key, MANIFEST)
+        attempt = manifest.get("files_at", "").rsplit("/", 1)[-1] or "flat"
+        target = Path(cache_dir or Path(tempfile.gettempdir()) / "orca-store-cache", ref.step, ref.key, attempt)
+        if (target / MANIFEST).exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{attempt}-", dir=target.parent))
+        try:
+            source = self._path(*self._files_at(ref.step, ref.key, manifest))
+            for name, expected in manifest["files"].items():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.fs.get_file(f"{source}/{name}", str(staging / name))
+                    self._verify_file(LocalFileSystem(), str(staging / name), name, expected["size"], expected["sha256"])
+                except (CorruptArtifact, FileNotFoundError) as err:
+                    reason = err if isinstance(err, CorruptArtifact) else f"{name} is missing"
+                    raise CorruptArtifact(f"{ref.step}/{ref.key[:12]} downloaded from {self.url()}: {reason}") from None
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            staging.chmod(0o755)
+            os.rename(staging, target)
+        except OSError:
+            if not (target / MANIFEST).exists():
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # a concurrent download won, or this one failed
         return target
 
     # -- writing -----------------------------------------------------------------
@@ -235,7 +320,10 @@ class ArtifactStore:
         rows: dict[str, int] | None = None,
         stats: dict[str, Any] | None = None,
     ) -> ArtifactRef:
-        """Publish a staged folder as `<step>/<key>`: key.json, then manifest.json, then one rename."""
+        """Publish a staged folder as `<step>/<key>`; the manifest is the commit point.
+
+        If the key is already published, the first artifact stays (same inputs, same content).
+        """
         (staged / KEY_FILE).write_text(json.dumps(components, indent=2, sort_keys=True) + "\n")
         files = {
             path.relative_to(staged).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
@@ -251,15 +339,18 @@ class ArtifactStore:
             "rows": rows or {},
             "stats": stats or {},
         }
+        if not self.is_local:
+            manifest["files_at"] = f"{ATTEMPTS}/{uuid.uuid4().hex}"
         canonical_json(manifest)  # stats must be plain JSON
-        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        staged.chmod(0o755)  # mkdtemp makes it private; artifacts are for everyone who reads the store
         if self.is_local:
+            (staged / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            staged.chmod(0o755)  # mkdtemp makes it private; artifacts are for everyone who reads the store
             self._publish_local(step, key, staged)
+            ref = self.ref(step, key)
         else:
-            self._publish_remote(step, key, staged, files)
+            ref = self._publish_remote(step, key, staged, manifest)
         log.info("published %s/%s (%d files)", step, key[:12], len(files))
-        return self.ref(step, key)
+        return ref
 
     def _publish_local(self, step: str, key: str, staged: Path) -> None:
         final = Path(self.root, step, key)
@@ -278,10 +369,51 @@ class ArtifactStore:
             time.sleep(0.05 * (attempt + 1))
         raise RuntimeError(f"could not publish {step}/{key}: the folder keeps reappearing corrupt")
 
-    def _publish_remote(self, step: str, key: str, staged: Path, files: dict[str, Any]) -> None:
-        folder = self._path(step, key)
-        if self.fs.exists(folder):
-            self.fs.rm(folder, recursive=True)  # a partial publish; lookup already said it is not ok
-        for name in files:
-            self.fs.put_file(str(staged / name), f"{folder}/{name}")
-        self.fs.put_file(str(staged / MANIFEST), f"{folder}/{MANIFEST}")  # last: the commit point
+    def _publish_remote(self, step: str, key: str, staged: Path, manifest: dict[str, Any]) -> ArtifactRef:
+        if (existing := self.lookup(step, key)) is not None:
+            return existing
+        attempt = self._path(step, key, manifest["files_at"])
+        for name in manifest["files"]:
+            self.fs.put_file(str(staged / name), f"{attempt}/{name}")
+        body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+        for _ in range(3):
+            if self._commit(self._path(step, key, MANIFEST), body, manifest["files_at"]):
+                return self.ref(step, key, manifest)
+            winner = self.lookup(step, key)  # a corrupt winner is uncommitted here, and this one tries again
+            if winner is not None:
+                self.fs.rm(attempt, recursive=True)  # ours alone: the standing manifest names another attempt
+                log.info("%s/%s was published by another writer first; using theirs", step, key[:12])
+                return winner
+        raise RuntimeError(f"could not publish {step}/{key}: its manifest keeps reappearing corrupt")
+
+    def _commit(self, path: str, body: bytes, files_at: str) -> bool:
+        """Write the manifest unless one exists; True when the standing manifest is ours."""
+        try:
+            self.fs.pipe_file(path, body, mode="create")  # S3: PUT with If-None-Match: *
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if _precondition_failed(err):
+                return False
+            raise
+        try:  # read back: a server that ignores the condition overwrote instead (last writer wins)
+            return json.loads(self.fs.cat_file(path)).get("files_at") == files_at
+        except FileNotFoundError:
+            return False
+
+
+def _precondition_failed(err: OSError) -> bool:
+    """HTTP 412 from a conditional put (s3fs reports it as a plain OSError when the server omits `Condition`)."""
+    response = getattr(err.__cause__, "response", None) or {}
+    return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412") or \
+        response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

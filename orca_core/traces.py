@@ -1,31 +1,38 @@
 """Teacher traces: the request cache (one row per call) and the trace table (one row per answer).
 
-The request cache is append-only Parquet shards under `<store>/requests/`.
-Writers (the fan-out actors) flush a shard every N rows or T seconds, each
-shard written to a temp name and renamed, so a kill -9 loses at most the
-unflushed in-flight rows and never leaves a torn shard. Readers dedupe by
-request_id: an ok row beats a failure; among equals, the newest wins.
+The request cache is append-only Parquet shards under `<store>/requests/`
+(any fsspec URL: `orca_core/request_shards.py`). Writers (the fan-out actors,
+on any node) each publish their own shards every N rows or T seconds, whole
+or not at all, so a kill -9 loses at most the unflushed in-flight rows and
+never leaves a torn shard. The driver looks ids up in a local SQLite index of
+those shards (`orca_core/request_index.py`) that ingests each shard once, so
+resolving a chunk costs O(chunk), not O(cache), and compacts small shards
+into bigger ones as it goes (crash-safe, never touching a shard being
+written). Readers see one row per request_id: an ok row beats a failure, the
+oldest ok row wins (what was paid for first), and with no ok row the newest
+failure.
 
 No secrets here: rows carry the endpoint's model name, never its URL or key.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import time
+import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from orca_core.keys import canonical_json, sha256_text
+from orca_core.request_index import RequestIndex
+from orca_core.request_shards import ShardFolder, ShardWriter, compaction_groups, merge
 
 log = logging.getLogger(__name__)
 
@@ -83,85 +90,145 @@ TRACE_SCHEMA = pa.schema(
 )
 
 
-def request_id(model: str, messages: list[dict[str, str]], temperature: float, top_p: float, max_tokens: int) -> str:
-    """sha256 of the canonical request: the same call is never paid for twice."""
-    return sha256_text(canonical_json({
-        "model": model, "messages": messages, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-    }))
+def request_id(teacher: str, messages: list[dict[str, str]], temperature: float, top_p: float, max_tokens: int,
+               sample: int = 0) -> str:
+    """sha256 of the canonical request and of who answers it: the same call is never paid for twice.
+
+    `teacher`: the endpoint's identity digest (`teacher.identity.identity_digest`: kind, model, host or
+    revision, oracle settings and code). `sample` n > 0: the n-th extra answer to the same prompt
+    (sample 0 keeps the plain id).
+    """
+    request = {"teacher": teacher, "messages": messages, "temperature": temperature, "top_p": top_p,
+               "max_tokens": max_tokens}
+    if sample:
+        request["sample"] = sample
+    return sha256_text(canonical_json(request))
 
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-class ShardWriter:
-    """Buffers rows; flushes a Parquet shard every `flush_rows` rows or `flush_seconds` seconds."""
-
-    def __init__(self, folder: Path, prefix: str, flush_rows: int = 256, flush_seconds: float = 5.0,
-                 schema: pa.Schema = REQUEST_SCHEMA):
-        self.folder, self.schema = Path(folder), schema
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
-        self.rows: list[dict[str, Any]] = []
-        self.last_flush = time.monotonic()
-        self.shards = 0
-
-    def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        self.last_flush = time.monotonic()
-        if not self.rows:
-            return
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        final = self.folder / f"{self.prefix}-{self.shards:06d}.parquet"
-        temp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, temp, compression="zstd")
-        os.replace(temp, final)  # atomic: readers see a whole shard or none
-        self.shards += 1
-        self.rows = []
+CACHE_ID_FILE = "_cache_id"  # names this cache's generation: a deleted and recreated folder gets a new index
+INGEST_ATTEMPTS = 3  # re-lists when a shard vanished mid-refresh (another driver merged it)
 
 
-def read_shards(folder: Path, schema: pa.Schema = REQUEST_SCHEMA) -> pa.Table:
-    """All shards of a folder (temp files ignored), as one table."""
-    paths = sorted(p for p in Path(folder).glob("*.parquet") if not p.name.startswith("."))
-    if not paths:
-        return schema.empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=schema) for p in paths])
-
-
-def dedupe_requests(table: pa.Table) -> pa.Table:
-    """One row per request_id: the oldest ok row (what was paid for first), else the newest failure."""
-    ids, statuses, created = (table[c].to_pylist() for c in ("request_id", "status", "created_at"))
-    ok_first = sorted(range(table.num_rows), key=lambda i: created[i])
-    failures_newest_first = sorted(ok_first, key=lambda i: created[i], reverse=True)
-    chosen: dict[str, int] = {}
-    for i in ok_first:
-        if statuses[i] == "ok":
-            chosen.setdefault(ids[i], i)
-    for i in failures_newest_first:
-        chosen.setdefault(ids[i], i)
-    return table.take(pa.array(sorted(chosen.values()), pa.int64()))
+def default_index_dir() -> Path:
+    """Where drivers keep request indexes: $ORCA_INDEX_DIR, else the user's cache folder."""
+    if os.environ.get("ORCA_INDEX_DIR"):
+        return Path(os.environ["ORCA_INDEX_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "orca-pipeline" / "request-index"
 
 
 class RequestCache:
-    """The request-level cache of one store: `<folder>/*.parquet` shards of REQUEST_SCHEMA rows."""
+    """The request-level cache of one store: REQUEST_SCHEMA shards in `folder` (a path or fsspec URL).
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
+    `refresh` ingests the shards the index has not seen (and compacts); `lookup` answers from the index
+    only. The index is `<index_dir>/<url digest>-<cache id>-<schema digest>.sqlite`: a local file,
+    rebuilt from the shards when missing, when the folder was recreated, or when the schema changed.
+    """
 
-    def load(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
-        """request_id -> deduped row (restricted to `ids` if given: only those rows are decoded)."""
-        paths = sorted(str(p) for p in self.folder.glob("*.parquet") if not p.name.startswith("."))
-        if not paths:
-            return {}
-        dataset = ds.dataset(paths, format="parquet", schema=REQUEST_SCHEMA)
-        wanted = None if ids is None else pc.field("request_id").isin(pa.array(list(set(ids)), pa.string()))
-        table = dataset.to_table(filter=wanted)
-        return {row["request_id"]: row for row in dedupe_requests(table).to_pylist()}
+    def __init__(self, folder: str | Path, index_dir: str | Path | None = None, compact: bool = True):
+        self.shards = ShardFolder(folder)
+        self.folder = self.shards.url  # what workers on any node are given
+        self.index_dir = Path(index_dir) if index_dir is not None else default_index_dir()
+        self.compact = compact
+        self.counters: Counter[str] = Counter()  # shards_read, rows_ingested, lookups, merges, shards_merged
+        self._index: RequestIndex | None = None
+        self._lock = threading.Lock()
 
     def writer(self, prefix: str, flush_rows: int = 256, flush_seconds: float = 5.0) -> ShardWriter:
-        return ShardWriter(self.folder, prefix, flush_rows, flush_seconds)
+        return ShardWriter(self.shards, prefix, REQUEST_SCHEMA, flush_rows, flush_seconds)
+
+    def refresh(self) -> None:
+        """Bring the index up to date with the folder: O(new rows + listed files), then compact."""
+        with self._lock:
+            index = None
+            for _ in range(INGEST_ATTEMPTS):
+                names = self.shards.names()
+                index = self._open_index(create=bool(names))
+                if index is None:
+                    return  # no cache yet
+                known = index.shards()
+                vanished = False
+                for name in names:
+                    if name not in known:
+                        try:
+                            self.counters["rows_ingested"] += index.ingest(name, self.shards.batches(name, REQUEST_SCHEMA))
+                            self.counters["shards_read"] += 1
+                        except FileNotFoundError:
+                            vanished = True
+                index.forget(set(known) - set(names))
+                if not vanished:
+                    break
+            if self.compact and index is not None:
+                self._compact(index)
+
+    def lookup(self, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """request_id -> the row to serve, for the ids the index has (call `refresh` first)."""
+        self.counters["lookups"] += 1
+        with self._lock:
+            return self._index.lookup(ids) if self._index is not None else {}
+
+    def load(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Refresh, then request_id -> row for `ids` (all rows if None: O(cache), for tests and reports)."""
+        self.refresh()
+        if ids is not None:
+            return self.lookup(ids)
+        with self._lock:
+            return {row["request_id"]: row for row in self._index.rows()} if self._index is not None else {}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._index is not None:
+                self._index.close()
+                self._index = None
+
+    # -- internals ---------------------------------------------------------------------
+    def _open_index(self, create: bool) -> RequestIndex | None:
+        cache_id = self.shards.read_text(CACHE_ID_FILE)
+        if cache_id is None:
+            if not create:  # no cache (or it was deleted): nothing to serve
+                if self._index is not None:
+                    self._index.close()
+                    self._index = None
+                return None
+            cache_id = self.shards.create_text(CACHE_ID_FILE, uuid.uuid4().hex)
+        schema_digest = sha256_text(str(REQUEST_SCHEMA))[:8]
+        url_digest = sha256_text(self.shards.url)[:16]
+        path = self.index_dir / f"{url_digest}-{cache_id}-{schema_digest}.sqlite"
+        if self._index is None or self._index.path != path:
+            if self._index is not None:
+                self._index.close()
+            for stale in self.index_dir.glob(f"{url_digest}-*.sqlite"):  # an older generation of this folder
+                if stale != path:
+                    for leftover in (stale, Path(f"{stale}-wal"), Path(f"{stale}-shm")):
+                        with contextlib.suppress(OSError):
+                            leftover.unlink()
+            self._index = RequestIndex(path, REQUEST_SCHEMA)
+        return self._index
+
+    def _compact(self, index: RequestIndex) -> None:
+        """Merge same-tier shards until no tier is full; each merge is published before its inputs go."""
+        with self.shards.compaction_turn() as mine:
+            if not mine:
+                return  # another driver on this folder is compacting
+            self.shards.remove_stale_temps()
+            while True:
+                listed = set(self.shards.names())  # fresh: only the compactor removes shards
+                known = {name: rows for name, rows in index.shards().items() if name in listed}
+                groups = compaction_groups(known)
+                merged = 0
+                for group in groups:
+                    try:
+                        name, rows = merge(self.shards, group, REQUEST_SCHEMA)
+                    except FileNotFoundError:
+                        continue  # merged meanwhile by a driver elsewhere (object stores have no lock)
+                    merged += 1
+                    index.record(name, rows)  # its rows are the group's, already ingested
+                    self.shards.remove(group)
+                    index.forget(group)
+                    self.counters["merges"] += 1
+                    self.counters["shards_merged"] += len(group)
+                if not merged:
+                    return

@@ -1,57 +1,102 @@
-"""The teacher fan-out on Ray: a pool of async actors sharing one limiter actor.
+"""The teacher fan-out on Ray: async worker actors spread over the nodes, one gate actor, the shared loop.
 
-- `GateActor`: every endpoint's RateLimiter and the run's budget, in one async
-  actor, so requests/min, tokens/min, concurrency and Retry-After pauses hold
-  across all actors (and machines).
+- `GateActor`: every endpoint's limits and the run's budget (`orca_core/teacher/
+  limiter.py`), on the driver's node, without a CPU. Workers lease permits from
+  it in blocks, so it sees O(requests / block) calls, and limits hold across
+  all actors and nodes.
 - `WorkerActor`: one `TraceWorker` each (own aiohttp session, own concurrency,
-  own request-cache shards, flushed every N rows / T seconds).
-- The driver keeps at most two batches in flight per actor, polls the actors'
-  counters for progress, and on any error flushes the actors before raising.
+  own request-cache shards), spread over the nodes (`SPREAD`, plus the custom
+  resources that pin teacher callers: `fanout_actor_options`).
+- The driver runs `dispatch` (the same loop as the in-process executor): each
+  actor holds at most `actor_concurrency + flush_rows` jobs not yet durable.
+  An actor that dies (or its node) is replaced; its jobs are checked against
+  the cache and sent again only where no answer was saved.
+- Actors are owned by the driver (not detached): when the driver dies, Ray
+  kills them and the gate, and a worker whose gate is gone stops sending.
 
-`ray.init(address=recipe.ray.address)`: "local" starts a private runtime
-(never joins another cluster on the machine), "auto" or ray://... a cluster.
+`ray.address`: "local" starts a private runtime (never joins another cluster
+on the machine), "auto" or ray://... a cluster.
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orca_core.recipe.models import Recipe, TeacherEndpoint
-from orca_core.teacher.client import FatalTeacherError
-from orca_core.teacher.fanout import FanoutPlan, FanoutReport, fan_out, merge_stats
+from orca_core.teacher.dispatch import WorkerLost, dispatch, run_coroutine
+from orca_core.teacher.fanout import FanoutPlan, FanoutReport, Recheck, fan_out
 from orca_core.teacher.jobs import Progress
-from orca_core.teacher.limiter import Gate, RoleLimiter, gate_limits
+from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller, gate_limits, price_per_token
 from orca_core.teacher.runner import oracle_server
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import RequestCache
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import ensure_ray, fanout_actor_options
+
+log = logging.getLogger(__name__)
+ORPHAN_AFTER_S = 30.0  # a worker that hears nothing from its driver this long stops sending
 
 
 @ray.remote
 class GateActor(Gate):
-    pass
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
 @ray.remote
 class WorkerActor:
     def __init__(self, name: str, endpoints: dict[str, TeacherEndpoint], base_urls: dict[str, str], gate,
                  cache_folder: str, concurrency: int, flush_rows: int, flush_seconds: float):
-        limiters = {role: RoleLimiter(gate, role, remote=True) for role in endpoints}
-        self.worker = TraceWorker(name, endpoints, base_urls, limiters, cache_folder, concurrency, flush_rows, flush_seconds)
+        call = gate_caller(gate, remote=True)
+        limiters = {role: LeasedLimiter(call, role, name, price_per_token(e)) for role, e in endpoints.items()}
+        self.worker = TraceWorker(name, endpoints, base_urls, limiters, cache_folder, concurrency, flush_rows,
+                                  flush_seconds, orphan_after_s=ORPHAN_AFTER_S)
 
-    async def run(self, batch: list[Progress]) -> dict[str, Any]:
-        return await self.worker.run(batch)
+    async def start(self) -> str:
+        await self.worker.start()
+        return ray.get_runtime_context().get_node_id()
 
-    async def stats(self) -> dict[str, Any]:
-        return self.worker.stats()
+    async def submit(self, jobs: list[tuple[int, Progress]]) -> None:
+        await self.worker.submit(jobs)
+
+    async def durable(self, timeout: float) -> dict[str, Any]:
+        return await self.worker.durable(timeout)
 
     async def close(self) -> dict[str, Any]:
         return await self.worker.close()
+
+
+class ActorWorker:
+    """The loop's handle on a WorkerActor: a dead actor raises WorkerLost, a worker's own error raises as itself."""
+
+    def __init__(self, name: str, actor, nodes: dict[str, str]):
+        self.name, self.actor, self.nodes = name, actor, nodes
+
+    async def _call(self, ref):
+        try:
+            return await ref
+        except ray.exceptions.RayTaskError as err:  # raised inside the actor: a fatal teacher error, say
+            raise err.cause if isinstance(err.cause, Exception) else err from None
+        except ray.exceptions.RayActorError as err:
+            raise WorkerLost(f"{self.name}: {type(err).__name__}") from err
+
+    async def start(self) -> None:
+        self.nodes[self.name] = await self._call(self.actor.start.remote())
+
+    async def submit(self, jobs: list[tuple[int, Progress]]) -> None:
+        await self._call(self.actor.submit.remote(jobs))
+
+    async def durable(self, timeout: float) -> dict[str, Any]:
+        return await self._call(self.actor.durable.remote(timeout))
+
+    async def close(self) -> dict[str, Any]:
+        return await self._call(self.actor.close.remote())
 
 
 class RayExecutor:
@@ -59,56 +104,61 @@ class RayExecutor:
                  cache_folder: str, report_every_s: float = 2.0):
         self.recipe, self.endpoints, self.base_urls, self.cache_folder = recipe, endpoints, base_urls, cache_folder
         self.report_every_s = report_every_s
+        self.window = recipe.ray.actor_concurrency + recipe.ray.flush_rows  # jobs per actor not yet durable
+        self.nodes: dict[str, str] = {}  # actor name -> the node it runs on (every actor started in the run)
+        self.gate_stats: dict[str, Any] = {}
 
-    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+            recheck: Recheck | None = None) -> dict[str, Any]:
+        return run_coroutine(self._run(batches, on_progress, recheck))
+
+    async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+                   recheck: Recheck | None) -> dict[str, Any]:
         cfg = self.recipe.ray
-        gate = GateActor.options(num_cpus=cfg.actor_cpus).remote(gate_limits(self.endpoints), self.recipe.teachers.max_cost_usd)
-        actors = [WorkerActor.options(num_cpus=cfg.actor_cpus).remote(
-            f"actor{i}", self.endpoints, self.base_urls, gate, self.cache_folder, cfg.actor_concurrency,
-            cfg.flush_rows, cfg.flush_seconds) for i in range(cfg.fanout_actors)]
-        in_flight: dict[ray.ObjectRef, int] = {}
-        load = [0] * len(actors)
-        latest: list[dict[str, Any]] = [{} for _ in actors]
-        last_report = time.monotonic()
+        # The gate lives (and dies) with the driver: on its node, without a CPU. Not `soft`: Ray would then
+        # prefer a node with CPUs, and a lost worker node would take every lease with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        gate = GateActor.options(num_cpus=0, scheduling_strategy=here).remote(
+            gate_limits(self.endpoints), self.recipe.teachers.max_cost_usd)
+        self.nodes["gate"] = await gate.node_id.remote()
+        actors: list[ActorWorker] = []
 
-        def settle(timeout: float) -> None:
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
-            for ref in done:
-                index = in_flight.pop(ref)
-                load[index] -= 1
-                latest[index] = ray.get(ref)  # raises the actor's error (e.g. FatalTeacherError)
+        def spawn(name: str) -> ActorWorker:
+            options = {**fanout_actor_options(self.recipe), "scheduling_strategy": "SPREAD"}
+            actor = WorkerActor.options(**options).remote(name, self.endpoints, self.base_urls, gate, self.cache_folder,
+                                                          cfg.actor_concurrency, cfg.flush_rows, cfg.flush_seconds)
+            actors.append(ActorWorker(name, actor, self.nodes))
+            return actors[-1]
 
+        async def replace(lost: ActorWorker) -> ActorWorker | None:
+            ray.kill(lost.actor)  # merely unreachable? then it must not send its (re-queued) jobs too
+            with contextlib.suppress(ray.exceptions.RayError):
+                await gate.leave.remote(lost.name)  # its concurrency shares go to the others
+            if len(actors) >= 2 * cfg.fanout_actors:
+                return None  # actors keep dying: carry on with those left
+            return spawn(f"actor{len(actors)}")
+
+        workers = [spawn(f"actor{i}") for i in range(cfg.fanout_actors)]
         try:
-            for batch in batches:
-                while sum(load) >= 2 * len(actors):
-                    settle(timeout=1.0)
-                    if time.monotonic() - last_report >= self.report_every_s:
-                        latest = ray.get([a.stats.remote() for a in actors])
-                        on_progress(merge_stats(latest))
-                        last_report = time.monotonic()
-                if any(s.get("budget_exhausted") for s in latest):
-                    break
-                index = load.index(min(load))
-                in_flight[actors[index].run.remote(batch)] = index
-                load[index] += 1
-            while in_flight:
-                settle(timeout=1.0)
-        except ray.exceptions.RayTaskError as err:
-            cause = err.as_instanceof_cause()
-            raise (cause if isinstance(cause, FatalTeacherError) else err) from None
+            return await dispatch(batches, workers, self.window, on_progress, self.report_every_s, recheck, replace)
         finally:
-            final = ray.get([a.close.remote() for a in actors])  # flush every buffered row
-            for actor in [*actors, gate]:
-                ray.kill(actor)
-        return merge_stats(final)
+            with contextlib.suppress(ray.exceptions.RayError):
+                self.gate_stats = await gate.stats.remote()
+            for a in actors:
+                ray.kill(a.actor)
+            ray.kill(gate)
 
 
 class RayFanoutRunner:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
+        self.executor: RayExecutor | None = None  # the last run's (its nodes and gate counters) ...
+        self.report: FanoutReport | None = None  # ... and what it did
 
     def run(self, plan: FanoutPlan, cache: RequestCache, oracle_sources: list[Path],
             sink: Callable[[int, int, str], None], retry_failed: bool) -> FanoutReport:
         ensure_ray(self.recipe)
         with oracle_server(plan.endpoints, oracle_sources) as urls:
-            return fan_out(plan, cache, RayExecutor(self.recipe, plan.endpoints, urls, str(cache.folder)), sink, retry_failed)
+            self.executor = RayExecutor(self.recipe, plan.endpoints, urls, str(cache.folder))
+            self.report = fan_out(plan, cache, self.executor, sink, retry_failed)
+            return self.report

@@ -2,6 +2,15 @@
 
 Its own module so the trainer and the fan-out share it without importing each other
 (step keys digest the modules a step's code reaches).
+
+Authentication (Ray's token auth, RAY_AUTH_MODE / RAY_AUTH_TOKEN, read by Ray itself):
+- `ray.address: local`: Ray 2.60 turns token auth on for a runtime that `ray.init` starts
+  and writes a token to ~/.ray/auth_token; the private runtime turns it off unless the
+  environment already says otherwise. (Private means its own temp dir and CPUs: its GCS and
+  raylet still listen on every interface, as Ray offers no loopback-only bind.)
+- a cluster address: the driver leaves RAY_AUTH_MODE alone. The clusters of infra/ray/
+  require `RAY_AUTH_MODE=token` and `RAY_AUTH_TOKEN` in the driver's environment (the
+  flow-run pod gets both from the `orca-ray-auth` Secret).
 """
 
 from __future__ import annotations
@@ -15,16 +24,40 @@ import ray
 
 from orca_core.recipe.models import Recipe
 
+AUTH_MODE = "RAY_AUTH_MODE"
+# The private runtime has no keys to guard: it offers every pinning resource of `ray.actor_resources`
+# without a practical limit, so a recipe written for a cluster runs here unchanged.
+LOCAL_PINNING_AMOUNT = 1_000_000.0
+
+
+def fanout_actor_options(recipe: Recipe) -> dict[str, Any]:
+    """`.options(...)` of a fan-out actor that calls teachers: its CPUs, and the custom resources
+    that pin it to the nodes holding the teacher keys (infra/ray/: the `cpu` worker group)."""
+    options: dict[str, Any] = {"num_cpus": recipe.ray.actor_cpus}
+    if recipe.ray.actor_resources:
+        options["resources"] = dict(recipe.ray.actor_resources)
+    return options
+
 
 def ensure_ray(recipe: Recipe) -> None:
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if recipe.ray.address == "local":
+    cfg = recipe.ray
+    common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if cfg.address == "local":
+        if not os.environ.get(AUTH_MODE):
+            os.environ[AUTH_MODE] = "disabled"
         # A private runtime with its own temp dir: /tmp/ray is shared with every other user of the machine.
         temp_dir = Path(tempfile.gettempdir()) / f"orca-ray-{os.getuid()}"
-        kwargs |= {"address": "local", "num_cpus": recipe.ray.num_cpus, "_temp_dir": str(temp_dir)}
-    else:
-        kwargs["address"] = recipe.ray.address
-    ray.init(**kwargs)
+        resources = {name: LOCAL_PINNING_AMOUNT for name in cfg.actor_resources} or None
+        ray.init(address="local", num_cpus=cfg.num_cpus, resources=resources, _temp_dir=str(temp_dir), **common)
+        return
+    try:
+        ray.init(address=cfg.address, **common)
+    except ConnectionError as err:
+        if os.environ.get(AUTH_MODE) == "token":
+            raise
+        raise ConnectionError(
+            f"ray.address={cfg.address!r}: could not join the cluster ({err}). A cluster of infra/ray/ "
+            f"requires token authentication: set {AUTH_MODE}=token and RAY_AUTH_TOKEN (the `orca-ray-auth` "
+            "Secret) in the driver's environment") from err

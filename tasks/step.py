@@ -7,7 +7,9 @@
 - Before calling the task the flow verifies the artifact itself: if it is
   gone or corrupt, the task runs with `refresh_cache=True`, so a Prefect
   record can never hand out an artifact that no longer exists.
-- Retries: exponential backoff with jitter, from the recipe's `prefect` section.
+- Retries: exponential backoff with jitter, from the recipe's `prefect` section;
+  never for an error no retry can fix (`NOT_RETRIED`: a refused key, an unknown
+  model), which ends the run at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task, get_run_logger, task
+from prefect.client.schemas.objects import TaskRun
 from prefect.filesystems import RemoteFileSystem
+from prefect.states import State
 from prefect.tasks import exponential_backoff
 
 from orca_core.eval.steps import EVAL_WORK
@@ -27,9 +31,16 @@ from orca_core.keys import sha256_text, step_key
 from orca_core.recipe.models import Recipe
 from orca_core.steps import FANOUT_STEPS, Step, components, has_failures, run_step, verified
 from orca_core.store import ArtifactRef, ArtifactStore
+from orca_core.teacher.client import FatalTeacherError
 from tasks.progress import progress_sink
 
 RESULTS_FOLDER = ".prefect-results"
+NOT_RETRIED = (FatalTeacherError,)  # every retry would fail the same way (and a bad key would wait minutes)
+
+
+def retry_unless_fatal(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect's retry condition for a failed step: retry, unless its error is one of NOT_RETRIED."""
+    return not isinstance(state.data, NOT_RETRIED)
 
 
 def store_for(recipe: Recipe) -> ArtifactStore:
@@ -60,16 +71,16 @@ def prefect_step(step: Step) -> Task:
             raise RuntimeError(f"step {step.name}: the key planned by the flow ({key[:12]}) differs from the task's")
         store = store_for(parsed)
         ctx = StepContext(sink=progress_sink(logger, step.name), retry_failed=retry_failed)
-        if step.name in FANOUT_STEPS and store.is_local:
+        if step.name in FANOUT_STEPS:
             from tasks.fanout import RayFanoutRunner  # Ray starts only for steps that need it
 
-            ctx.fanout, ctx.request_cache = RayFanoutRunner(parsed), Path(store.url("requests"))
-        if step.name.startswith("train-") and store.is_local:
+            ctx.fanout, ctx.request_cache = RayFanoutRunner(parsed), store.url("requests")  # a path or an s3:// URL
+        if step.name.startswith("train-"):  # work folders are local: in the store, or beside it for a remote one
             from tasks.train import RayTrainer
 
-            ctx.trainer, ctx.work_root = RayTrainer(parsed, ctx.sink), Path(store.url(".train-work"))
-        if step.name.startswith("eval-") and store.is_local:  # generations in flight survive a retry
-            ctx.work_root = Path(store.url(EVAL_WORK))
+            ctx.trainer, ctx.work_root = RayTrainer(parsed, ctx.sink), store.work_folder(".train-work")
+        if step.name.startswith("eval-"):  # generations in flight survive a retry
+            ctx.work_root = store.work_folder(EVAL_WORK)
         result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
@@ -114,6 +125,7 @@ def call_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = 
         retries=recipe.prefect.retries,
         retry_delay_seconds=exponential_backoff(backoff_factor=recipe.prefect.retry_delay_s)(max(recipe.prefect.retries, 1)),
         retry_jitter_factor=recipe.prefect.retry_jitter,
+        retry_condition_fn=retry_unless_fatal,
         result_storage=result_storage_for(store),
     )
     state = configured(recipe=recipe.model_dump(mode="json"), key=key, retry_failed=retry, return_state=True)

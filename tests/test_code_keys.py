@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orca_core.code_digest import closure, code_components
+from orca_core.code_digest import PROJECT_PACKAGES, closure, code_components
 from orca_core.keys import step_key
 from orca_core.recipe import load_recipe
 from orca_core.steps import components, explain, steps_for
@@ -97,7 +97,7 @@ def _clone(dest: Path) -> Path:
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "-co", "--exclude-standard"], capture_output=True,
                            text=True, check=True).stdout.split()
     for name in files:
-        if name.split("/")[0] in ("orca_core", "tasks", "flows", "configs", "infra") and (REPO / name).is_file():
+        if name.split("/")[0] in (*PROJECT_PACKAGES, "configs", "infra") and (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     return dest

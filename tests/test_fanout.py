@@ -2,18 +2,13 @@
 
 The oracle runs as a subprocess, as the flow runs it; recipes point at it as an
 external OpenAI-compatible endpoint (kind `vllm`), so the production client path
-is what runs. Most tests use the in-process executor (fast); the kill test runs
-the Ray executor in a subprocess and kills it with SIGKILL.
+is what runs. They use the in-process executor (fast); the Ray executor under a
+SIGKILL and on a multi-node cluster: tests/test_fanout_flow.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import textwrap
-import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -152,58 +147,3 @@ def test_context_limit_becomes_a_failure_row_without_a_request(tmp_path, sources
     statuses = Counter(t["status"] for t in pq.read_table(Path(result.ref.url) / TRACES_FILE).to_pylist())
     assert statuses["failed:context_length"] > 0
     assert server["requests"] == result.rows["traces"] - statuses["failed:context_length"]
-
-
-_KILLED_FANOUT = textwrap.dedent("""
-    import sys
-    from pathlib import Path
-    from orca_core import steps
-    from orca_core.context import StepContext
-    from orca_core.recipe import load_recipe
-    from orca_core.store import ArtifactStore
-    from tasks.fanout import RayFanoutRunner
-    recipe = load_recipe("smoke", sys.argv[1:])
-    store = ArtifactStore(recipe.store.root)
-    ctx = StepContext(fanout=RayFanoutRunner(recipe), request_cache=Path(store.url("requests")))
-    print("ROWS", steps.run_step(store, steps.TRACES_ORCA1, recipe, ctx=ctx).rows, flush=True)
-""")
-
-
-def test_kill_9_mid_fanout_then_resume_pays_only_for_what_was_lost(tmp_path, sources, python):
-    with start_oracle(sources, latency_ms=30) as urls:
-        url = urls["assistant"]
-        flow = f"kind: vllm, base_url: '{url}', rpm: 1200, max_concurrency: 8"
-        args = [f"store.root={tmp_path / 'store'}", f"sources.procedural.families={FAMILIES}",
-                "sources.procedural.train_per_family=25", "ray.flush_rows=8", "ray.flush_seconds=0.5",
-                f"teachers.assistant={{model: oracle-assistant, {flow}}}", f"teachers.strong={{model: oracle-strong, {flow}}}"]
-        cache = RequestCache(tmp_path / "store" / "requests")
-        proc = subprocess.Popen([python, "-c", _KILLED_FANOUT, *args], start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + 120
-        while len(cache.load()) < 40:  # killed mid-way: some answers saved, most not yet
-            assert proc.poll() is None and time.monotonic() < deadline, "the fan-out ended before it could be killed"
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        # Ray's worker processes are not in the driver's process group: they notice its death within
-        # moments. Snapshot once the cache and the server have been still for 2 s.
-        saved, served_before, still_since = None, None, time.monotonic()
-        while time.monotonic() - still_since < 2.0:
-            now = (set(cache.load()), stats(url)["ok_by_request_id"])
-            if now != (saved, served_before):
-                (saved, served_before), still_since = now, time.monotonic()
-            time.sleep(0.25)
-
-        resumed = subprocess.run([python, "-c", _KILLED_FANOUT, *args], capture_output=True, text=True, timeout=300)
-        assert resumed.returncode == 0, resumed.stderr[-2000:]
-        served_after = stats(url)["ok_by_request_id"]
-
-    traces = pq.read_table(next((tmp_path / "store" / "traces-orca1").glob("*/traces.parquet"))).to_pylist()
-    ids = [t["request_id"] for t in traces]
-    assert len(ids) == len(set(ids)) and all(t["status"] == "ok" for t in traces)
-    missing = len(ids) - len(saved & set(ids))
-    sent_on_resume = sum(served_after.values()) - sum(served_before.values())
-    assert sent_on_resume == missing  # the resume sent exactly what the cache lacked
-    paid_twice = {rid for rid, n in served_after.items() if n > 1}
-    assert paid_twice <= set(served_before) - saved  # only answers lost in flight at the kill were paid again
-    assert set(served_after) == set(ids)

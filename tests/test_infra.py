@@ -12,7 +12,14 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 import json
+import os
 import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,7 @@ import pytest
 import yaml
 
 from orca_core.recipe import load_recipe
+from tasks.ray_runtime import LOCAL_PINNING_AMOUNT, ensure_ray, fanout_actor_options
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -56,8 +64,13 @@ def docker_arg(name: str) -> str:
 def cluster_docs() -> dict[str, dict]:
     docs = [d for d in yaml.safe_load_all(RAYCLUSTER.read_text()) if d]
     kinds = [d["kind"] for d in docs]
-    assert sorted(kinds) == ["PersistentVolumeClaim", "RayCluster"], kinds
-    return {d["kind"]: d for d in docs}
+    assert sorted(kinds) == ["NetworkPolicy", "NetworkPolicy", "PersistentVolumeClaim", "RayCluster"], kinds
+    return {d["kind"]: d for d in docs if d["kind"] != "NetworkPolicy"}
+
+
+@pytest.fixture(scope="module")
+def network_policies() -> list[dict]:
+    return [d for d in yaml.safe_load_all(RAYCLUSTER.read_text()) if d and d["kind"] == "NetworkPolicy"]
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +238,173 @@ def test_store_volume_is_the_same_claim_at_the_same_path_everywhere(cluster_docs
     assert any(v.endswith(f":{STORE_MOUNT}") for v in compose["services"]["prefect-worker"]["volumes"])
     # The production recipe reads its benchmark copies from that volume.
     assert production.eval.data_dir.startswith(STORE_MOUNT + "/")
+
+
+# -- secure cluster defaults: token auth, NetworkPolicies, teacher keys only where teachers are called ---------
+RAY_AUTH_SECRET = {"name": "orca-ray-auth", "key": "auth_token"}
+
+
+def ray_containers(raycluster: dict) -> dict[str, dict]:
+    """Every container of the cluster that talks to its GCS: each group's, and the autoscaler sidecar."""
+    containers = {f"{name}/{c['name']}": c for name, g in groups(raycluster) for c in g["template"]["spec"]["containers"]}
+    if raycluster["spec"].get("enableInTreeAutoscaling"):
+        containers["head/autoscaler"] = raycluster["spec"].get("autoscalerOptions", {})
+    return containers
+
+
+def flow_container(template: dict) -> dict:
+    return rendered_job(template)["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+
+
+def without_token_auth(containers: dict[str, dict]) -> list[str]:
+    """The containers that would run Ray without the cluster's token: mode not `token`, or the token not from its Secret."""
+    bad = []
+    for name, container in containers.items():
+        env = {e["name"]: e for e in container.get("env", [])}
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if env.get("RAY_AUTH_MODE", {}).get("value") != "token" or {k: ref.get(k) for k in RAY_AUTH_SECRET} != RAY_AUTH_SECRET:
+            bad.append(name)
+    return bad
+
+
+def test_every_ray_container_and_the_flow_pod_run_with_the_clusters_token(raycluster, template):
+    containers = ray_containers(raycluster)
+    assert {"head/ray-head", "cpu/ray-worker", "gpu/ray-worker", "head/autoscaler"} <= set(containers)
+    assert without_token_auth(containers) == []
+    # On the cluster the Secret is required: without it a pod does not start, rather than run Ray without auth.
+    token_refs = [e["valueFrom"]["secretKeyRef"] for c in containers.values() for e in c["env"] if e["name"] == "RAY_AUTH_TOKEN"]
+    assert len(token_refs) == len(containers) and not any(r.get("optional") for r in token_refs)
+    # The flow-run pod (a driver joining through ray://) holds the same Secret's token.
+    assert without_token_auth({"flow-run": flow_container(template)}) == []
+    # The broken twin: a worker group without it is caught.
+    broken = copy.deepcopy(raycluster)
+    gpu = next(g for g in broken["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")["template"]["spec"]["containers"][0]
+    gpu["env"] = [e for e in gpu["env"] if not e["name"].startswith("RAY_AUTH")]
+    assert without_token_auth(ray_containers(broken)) == ["gpu/ray-worker"]
+
+
+def pod_labels(raycluster: dict, template: dict) -> dict[str, dict[str, str]]:
+    """The labels of each kind of pod in the namespace: the Ray pods by group, the flow-run pods, any other pod."""
+    pods = {name: g["template"]["metadata"]["labels"] for name, g in groups(raycluster)}
+    pods["flow-run"] = rendered_job(template)["job_manifest"]["spec"]["template"]["metadata"]["labels"]
+    pods["other"] = {"app.kubernetes.io/name": "prefect-worker"}
+    return pods
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are evaluated here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def allowed_ingress(policies: list[dict], pods: dict[str, dict[str, str]]) -> dict[str, dict[str, frozenset | None]]:
+    """Kubernetes NetworkPolicy semantics within one namespace: for each pod an ingress policy selects, the peers
+    let in and their ports (None: every port). "*" is any source beyond these pods: another namespace, an IP
+    block, or a rule without `from`. A pod no ingress policy selects is open to all and does not appear."""
+    allowed: dict[str, dict[str, frozenset | None]] = {}
+    for policy in policies:
+        spec = policy["spec"]
+        if "Ingress" not in spec.get("policyTypes", ["Ingress"]):
+            continue
+        for target in (name for name, labels in pods.items() if selects(spec["podSelector"], labels)):
+            peers = allowed.setdefault(target, {})
+            for rule in spec.get("ingress", []):
+                ports = frozenset(p["port"] for p in rule["ports"]) if rule.get("ports") else None
+                sources = {"*", *pods} if not rule.get("from") else set()
+                for peer in rule.get("from", []):
+                    if "ipBlock" in peer or "namespaceSelector" in peer:
+                        sources.add("*")
+                    else:
+                        sources |= {name for name, labels in pods.items() if selects(peer["podSelector"], labels)}
+                for source in sources:
+                    before = peers.get(source, frozenset())
+                    peers[source] = None if before is None or ports is None else before | ports
+    return allowed
+
+
+def test_network_policies_keep_rays_ports_inside_the_cluster_and_the_flow_pods(network_policies, raycluster, template):
+    pods = pod_labels(raycluster, template)
+    ray_pods = {name for name, _ in groups(raycluster)}
+    for policy in network_policies:
+        selected = {name for name, labels in pods.items() if selects(policy["spec"]["podSelector"], labels)}
+        assert selected and selected <= ray_pods, (policy["metadata"]["name"], selected)
+    inside = dict.fromkeys(ray_pods)  # every Ray pod, every port
+    client_and_dashboard = frozenset({10001, 8265})  # never the GCS (6379) or a worker from outside the cluster
+    assert allowed_ingress(network_policies, pods) == {
+        "head": inside | {"flow-run": client_and_dashboard}, "cpu": inside, "gpu": inside}
+    # Broken twins: a rule without `from`, the GCS opened to the flow pods, a Ray pod no policy selects.
+    open_rule = copy.deepcopy(network_policies)
+    open_rule[0]["spec"]["ingress"].append({"ports": [{"port": 8265}]})
+    assert allowed_ingress(open_rule, pods)["gpu"]["*"] == frozenset({8265})
+    gcs = copy.deepcopy(network_policies)
+    gcs[1]["spec"]["ingress"][0]["ports"].append({"port": 6379, "protocol": "TCP"})
+    assert allowed_ingress(gcs, pods)["head"]["flow-run"] == client_and_dashboard | {6379}
+    unlabelled = copy.deepcopy(raycluster)
+    unlabelled["spec"]["workerGroupSpecs"][1]["template"]["metadata"]["labels"].pop("app.kubernetes.io/part-of")
+    assert "gpu" not in allowed_ingress(network_policies, pod_labels(unlabelled, template))
+
+
+def teacher_key_holders(containers: dict[str, dict], key_names: set[str], secret: str) -> set[str]:
+    """The containers whose environment holds a teacher key: the variable by name, or anything from the keys' Secret."""
+    holders = set()
+    for name, container in containers.items():
+        env = container.get("env", [])
+        secrets_used = {e.get("valueFrom", {}).get("secretKeyRef", {}).get("name") for e in env}
+        secrets_used |= {source.get("secretRef", {}).get("name") for source in container.get("envFrom", [])}
+        if {e["name"] for e in env} & key_names or secret in secrets_used:
+            holders.add(name)
+    return holders
+
+
+def test_teacher_keys_reach_only_the_pods_that_call_teachers(raycluster, template, production):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    keys = {e.api_key_env for e in (production.teachers.assistant, production.teachers.strong)}
+    secret = template["variables"]["properties"]["teacher_keys_secret"]["default"]
+    containers = ray_containers(raycluster) | {"flow-run/prefect-job": flow_container(template)}
+    # The fan-out actors (cpu group) and the driver (Batch API mode): not the head, not the GPU trainers.
+    assert teacher_key_holders(containers, keys, secret) == {"cpu/ray-worker", "flow-run/prefect-job"}
+    # The actors run only where the keys are: Ray's own reading of the cluster gives the production
+    # recipe's actor resources to exactly those node types, and the actors ask for them.
+    assert production.ray.actor_resources
+    assert fanout_actor_options(production)["resources"] == production.ray.actor_resources
+    cr = copy.deepcopy(raycluster)
+    cr["metadata"]["namespace"] = "orca"
+    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    hosts = {name for name, t in types.items()
+             if all(t["resources"].get(r, 0) >= amount for r, amount in production.ray.actor_resources.items())}
+    assert hosts == {"cpu"}
+    # The broken twin: the keys' Secret on the GPU group is caught.
+    broken = copy.deepcopy(raycluster)
+    next(g for g in broken["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")["template"]["spec"]["containers"][0][
+        "envFrom"].append({"secretRef": {"name": secret, "optional": True}})
+    assert "gpu/ray-worker" in teacher_key_holders(ray_containers(broken), keys, secret)
+
+
+def env_file_variables(commands: list[str]) -> set[str]:
+    """The variables a node's initialization commands write into the env file that `docker run --env-file` reads."""
+    names: set[str] = set()
+    for command in commands:
+        if "orca-keys.env" in command and (m := re.search(r"for name in ([\w ]+); do", command)):
+            names |= set(m.group(1).split())
+    return names
+
+
+def test_launcher_nodes_run_with_the_token_and_keys_only_where_teachers_are_called(launcher, production):
+    assert "-e RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    assert "--env-file /home/ubuntu/orca-keys.env" in launcher["docker"]["run_options"]
+    types = launcher["available_node_types"]
+    # `ray up` runs the top-level list on the head; the autoscaler a worker type's own list, if it has one.
+    written = {name: env_file_variables(launcher["initialization_commands"] if name == launcher["head_node_type"]
+                                        else t.get("initialization_commands", launcher["initialization_commands"]))
+               for name, t in types.items()}
+    assert all("RAY_AUTH_TOKEN" in names for names in written.values()), written
+    keys = {e.api_key_env for e in (production.teachers.assistant, production.teachers.strong)}
+    # The head runs the driver (`ray job submit`), the cpu workers the fan-out actors; the GPU workers neither.
+    assert {name for name, names in written.items() if names & keys} == {"head", "cpu"}
+    assert "HF_TOKEN" in written["gpu"]
+    hosts = {name for name, t in types.items()
+             if all(t["resources"].get(r, 0) >= amount for r, amount in production.ray.actor_resources.items())}
+    assert hosts == {"cpu"}
 
 
 # -- Ray cluster launcher -------------------------------------------------------------------
@@ -441,6 +621,10 @@ def test_dockerfile_copies_every_top_level_package_dir():
     wanted = {d for d in packages | {"configs", "infra"} if (REPO / d).is_dir()}
     assert wanted >= {"orca_core", "tasks", "flows", "configs", "infra"}
     assert not (missing := wanted - copied), f"Dockerfile does not COPY {sorted(missing)}"
+    # The dependency layer's editable install sees an empty stub of every package (else it maps none for it).
+    install = next(args for word, args in dockerfile_instructions() if word == "RUN" and "pip install -e" in args)
+    stubs = set(re.search(r"mkdir -p ([\w ]+?)\s+&&", install).group(1).split())
+    assert stubs == {d for d in packages if (REPO / d).is_dir()}, stubs
     assert {"pyproject.toml", "README.md"} <= copied
 
 
@@ -488,7 +672,7 @@ def test_k8s_template_renders_a_gpu_job_with_the_store_and_the_api_url(template)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert container["resources"]["requests"] == container["resources"]["limits"]
     assert job["env"]["PREFECT_API_URL"].endswith(":4200/api")
-    key_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    key_refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     assert set(key_refs) >= {"OPENAI_API_KEY", "AZURE_OPENAI_API_KEY"} and all(r["optional"] for r in key_refs.values())
     # A deployment's job_variables override the defaults.
     custom = rendered_job(template, gpus=4, image="registry.example/orca-pipeline:0.1.0-ray2.60.0")
@@ -526,6 +710,98 @@ def test_infra_readme_names_each_file_and_the_recipe_fields_that_use_them():
         assert str(path.relative_to(REPO)) in readme, path.name
     for field in ("ray.address", "store.root", "train.workers", "train.use_gpu", "train.cpus_per_worker",
                   "train.deepspeed_config", "train.zero_stage", "train.precision", "eval.backend",
-                  "eval.tensor_parallel_size", "eval.dtype", "teachers.", "PREFECT_API_URL"):
+                  "eval.tensor_parallel_size", "eval.dtype", "teachers.", "PREFECT_API_URL",
+                  "ray.actor_resources", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "orca-ray-auth", "NetworkPolicy"):
         assert field in readme, field
     assert f"prefect work-pool create orca-k8s --type kubernetes --base-job-template {JOB_TEMPLATE.relative_to(REPO)}" in readme
+
+
+# -- joining Ray: tasks/ray_runtime.py --------------------------------------------------------------------
+@pytest.fixture
+def ray_init_calls(monkeypatch) -> list[tuple[str | None, dict]]:
+    """ray.init recorded instead of run, with the RAY_AUTH_MODE it would have started with (restored afterwards)."""
+    import ray
+
+    calls: list[tuple[str | None, dict]] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append((os.environ.get("RAY_AUTH_MODE"), kwargs)))
+    monkeypatch.setenv("RAY_AUTH_MODE", "set-by-the-fixture")  # records the variable's state, so the next line's
+    monkeypatch.delenv("RAY_AUTH_MODE")                         # removal and whatever ensure_ray sets are undone
+    return calls
+
+
+def test_the_private_local_runtime_starts_without_auth_and_offers_the_pinning_resources(ray_init_calls):
+    recipe = load_recipe("tiny", ["ray.actor_resources={teacher_keys: 1}"])
+    assert recipe.ray.address == "local"
+    ensure_ray(recipe)
+    [(mode, kwargs)] = ray_init_calls
+    assert mode == "disabled"
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] == recipe.ray.num_cpus
+    assert kwargs["_temp_dir"].endswith(f"orca-ray-{os.getuid()}")
+    assert kwargs["resources"] == {"teacher_keys": LOCAL_PINNING_AMOUNT}
+    assert fanout_actor_options(recipe) == {"num_cpus": recipe.ray.actor_cpus, "resources": {"teacher_keys": 1.0}}
+    assert fanout_actor_options(load_recipe("tiny")) == {"num_cpus": recipe.ray.actor_cpus}
+    # An operator's explicit choice stands, even for the local runtime.
+    os.environ["RAY_AUTH_MODE"] = "token"
+    ensure_ray(recipe)
+    assert ray_init_calls[-1][0] == "token"
+
+
+@pytest.mark.parametrize("address", ["auto", "ray://orca-head-svc.orca.svc.cluster.local:10001"])
+def test_joining_a_cluster_leaves_the_auth_mode_to_the_environment(ray_init_calls, address):
+    ensure_ray(load_recipe("tiny", [f"ray.address={address}"]))
+    [(mode, kwargs)] = ray_init_calls
+    assert mode is None  # not forced off: Ray reads RAY_AUTH_MODE / RAY_AUTH_TOKEN, or finds a token itself
+    assert kwargs["address"] == address and not {"num_cpus", "resources", "_temp_dir"} & set(kwargs)
+
+
+HEAD_NODE = """
+import sys
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+print(cluster.address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+cluster.shutdown()
+"""
+DRIVER = """
+import sys
+import ray
+from orca_core.recipe import load_recipe
+from tasks.ray_runtime import ensure_ray
+ensure_ray(load_recipe("tiny", ["ray.address=" + sys.argv[1]]))
+print("answer", ray.get(ray.remote(lambda: 42).remote()))
+"""
+
+
+def test_a_driver_joins_a_token_cluster_with_the_infra_env_and_is_refused_without_it():
+    """A real Ray node with token auth on, as infra/ray/ runs them: a driver with RAY_AUTH_MODE=token and the
+    token joins through ensure_ray and runs a task; one without them is refused, told what to set."""
+    root = Path(tempfile.mkdtemp(prefix="orca-auth-"))  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env |= {"RAY_TMPDIR": str(root), "HOME": str(root), "PYTHONPATH": str(REPO)}  # no shared /tmp/ray, no ~/.ray token
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    head = subprocess.Popen([sys.executable, "-c", HEAD_NODE], env=env | auth, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the token-auth head node did not start"
+
+        def driver(extra: dict[str, str]) -> subprocess.Popen:
+            return subprocess.Popen([sys.executable, "-c", DRIVER, address], env=env | extra, cwd=REPO,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        # Both at once; the refused one tries to connect twice, not Ray's default twenty times.
+        joined, refused = driver(auth), driver({"RAY_gcs_server_port_wait_time_s": "2"})
+        out, err = joined.communicate(timeout=240)
+        assert joined.returncode == 0 and "answer 42" in out, err[-3000:]
+        out, err = refused.communicate(timeout=240)
+        assert refused.returncode != 0 and "answer" not in out
+        assert "could not join the cluster" in err and "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" in err, err[-3000:]
+    finally:
+        head.stdin.close()  # the node stops its own processes
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the group this test started, and only it
+            head.wait()
+        shutil.rmtree(root, ignore_errors=True)

@@ -19,9 +19,9 @@ from orca_core.prompts import STRATEGIES, chat, followup_messages, orca1_system_
 from orca_core.recipe.models import OracleSettings
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import to_table, write_table
-from orca_core.teacher.oracle import create_app, start
-from orca_core.teacher.oracle_solver import OracleBook, count_tokens, prompt_tokens
-from orca_core.traces import request_id
+from orca_oracle.server import create_app, start
+from orca_oracle.solver import OracleBook, count_tokens, prompt_tokens
+from orca_oracle.state import request_key
 
 FAULTS = ("http_500", "http_503", "timeout", "drop", "malformed", "empty", "content_filter")
 QUICK = {"latency_ms": 0, "strategy_penalty": 0}
@@ -245,10 +245,13 @@ def test_stats_count_ok_completions_per_request_id(http, url, rows):
     for _ in range(2):
         post(http, url, "good", messages, **body)
     post(http, url, "fault-http_500", messages, **body)
+    named = http.post(f"{url}/chat/completions", json={"model": "good", "messages": messages, **body},
+                      headers={"X-Client-Request-Id": "the-client-id"})  # the client's own request id wins
+    assert named.status_code == 200
     stats = http.get(f"{root}/stats").json()
-    rid = request_id("good", messages, 0.7, 0.95, 256)
-    assert stats["ok_by_request_id"] == {rid: 2} and stats["ok"] == 2
-    assert stats["requests"] == 3 and stats["by_status"] == {"200": 2, "500": 1}
+    key = request_key("good", {"messages": messages, **body})
+    assert stats["ok_by_request_id"] == {key: 2, "the-client-id": 1} and stats["ok"] == 3
+    assert stats["requests"] == 4 and stats["by_status"] == {"200": 3, "500": 1}
 
 
 def test_max_tokens_truncates(http, url, rows):
@@ -270,7 +273,7 @@ def test_request_errors(http, url, rows):
 def test_serve_announces_its_url(rows, tmp_path):
     sources, ready = tmp_path / "train.parquet", tmp_path / "ready.txt"
     write_table(to_table(rows), sources)
-    code = ("from orca_core.teacher.oracle import serve; from orca_core.recipe.models import OracleSettings; "
+    code = ("from orca_oracle.server import serve; from orca_core.recipe.models import OracleSettings; "
             f"serve(models={{'good': OracleSettings(latency_ms=0)}}, sources=[{str(sources)!r}], "
             f"ready_file={str(ready)!r})")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -288,7 +291,7 @@ def test_serve_announces_its_url(rows, tmp_path):
 
 
 def test_multi_digit_additions_are_written_column_by_column():
-    from orca_core.teacher.oracle_reasoning import column_addition
+    from orca_oracle.reasoning import column_addition
 
     assert column_addition(47, 38) == ["ones: 7 + 8 = 15, write 5, carry 1", "tens: 4 + 3 + 1 = 8, write 8"]
     assert column_addition(95, 87)[-1] == "hundreds: write the carry 1"

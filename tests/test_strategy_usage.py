@@ -9,7 +9,7 @@ from orca_core.eval.strategy_usage import SHAPES, distinct_strategies, strategy_
 from orca_core.prompts import STRATEGIES, followup_messages, join_turns
 from orca_core.recipe.models import OracleSettings
 from orca_core.sources.procedural import generate_suite
-from orca_core.teacher.oracle_solver import OracleBook, respond
+from orca_oracle.solver import OracleBook, respond
 
 FAMILIES = ["basic_arithmetic", "needle_haystack", "syllogism", "leg_counting", "spell_backward"]
 

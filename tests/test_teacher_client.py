@@ -1,9 +1,8 @@
-"""The shared limiter and the OpenAI-compatible client, against a real oracle on 127.0.0.1."""
+"""The OpenAI-compatible client, against a real oracle on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import aiohttp
@@ -19,55 +18,11 @@ from orca_core.recipe.models import TeacherEndpoint
 from orca_core.sources.suite import SUITE
 from orca_core.store import ArtifactStore
 from orca_core.teacher.client import FatalTeacherError, TeacherClient
-from orca_core.teacher.limiter import Budget, RateLimiter
+from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
 
 
-# -- limiter -------------------------------------------------------------------------
-def test_requests_per_minute_are_smooth_not_bursty():
-    async def go():
-        limiter = RateLimiter(rpm=1200, max_concurrency=100)  # 20/s, burst of 20
-        started = time.monotonic()
-        for _ in range(60):
-            assert await limiter.acquire(10)
-            await limiter.release()
-        return time.monotonic() - started
-
-    elapsed = asyncio.run(go())
-    assert 2.7 <= elapsed <= 3.4  # 60 at 20 per s, starting from an empty bucket: ~3 s
-
-
-def test_concurrency_is_capped_and_released():
-    async def go():
-        limiter = RateLimiter(rpm=60000, max_concurrency=3)
-        peak = 0
-
-        async def one():
-            nonlocal peak
-            await limiter.acquire(1)
-            peak = max(peak, limiter.in_flight)
-            await asyncio.sleep(0.02)
-            await limiter.release()
-
-        await asyncio.gather(*(one() for _ in range(20)))
-        return peak, limiter.in_flight
-
-    assert asyncio.run(go()) == (3, 0)
-
-
-def test_retry_after_pauses_everyone_and_the_budget_refuses():
-    async def go():
-        budget = Budget(max_cost_usd=1.0)
-        limiter = RateLimiter(rpm=60000, budget=budget)
-        await limiter.pause(0.5)
-        started = time.monotonic()
-        assert await limiter.acquire(1)
-        waited = time.monotonic() - started
-        await limiter.release(cost_usd=1.5)
-        return waited, await limiter.acquire(1), limiter.stats()
-
-    waited, admitted, stats = asyncio.run(go())
-    assert waited >= 0.45 and admitted is False and stats["pauses"] == {"rate_limited": 1}
+# The limiter itself (leases, pacing, shares, pauses, budget): tests/test_fanout_flow.py.
 
 
 # -- client ----------------------------------------------------------------------------
@@ -83,22 +38,29 @@ def _endpoint(url: str, **kw) -> TeacherEndpoint:
                               "retry_base_s": 0.01, **kw})
 
 
-def _call(endpoint: TeacherEndpoint, limiter: RateLimiter, messages: list[dict]):
+def _calls(endpoint: TeacherEndpoint, *messages: list[dict]):
+    """The calls one after another through one client and its own limiter: (results, limiter)."""
     async def go():
+        limiter = LeasedLimiter(gate_caller(Gate({"strong": {"rpm": endpoint.rpm}})), "strong", "test")
         async with aiohttp.ClientSession() as session:
-            return await TeacherClient(endpoint, endpoint.base_url, limiter, session).call(messages)
+            client = TeacherClient(endpoint, endpoint.base_url, limiter, session)
+            return [await client.call(m) for m in messages], limiter
 
     return asyncio.run(go())
+
+
+def _call(endpoint: TeacherEndpoint, messages: list[dict]):
+    return _calls(endpoint, messages)[0][0]
 
 
 def test_429_retry_after_is_honoured_then_the_call_succeeds(sources):
     settings = TeacherEndpoint(kind="oracle", model="oracle-strong", rpm=1, oracle={"rpm_limit": 120, "rate_window_s": 1.0})  # 2 per second
     row = pq.read_table(sources / "train.parquet").to_pylist()[0]
     with oracle_server({"strong": settings}, [sources / "train.parquet"]) as urls:
-        endpoint, limiter = _endpoint(urls["strong"], max_attempts=3), RateLimiter(rpm=60000)
-        results = [_call(endpoint, limiter, chat(STRATEGIES["step-by-step"].instruction, row["inputs"])) for _ in range(3)]
+        messages = chat(STRATEGIES["step-by-step"].instruction, row["inputs"])
+        results, limiter = _calls(_endpoint(urls["strong"], max_attempts=3), messages, messages, messages)
     assert [r.status for r in results] == ["ok", "ok", "ok"]
-    assert results[2].attempts == 2 and limiter.pauses["rate_limited"] == 1  # waited out Retry-After, once
+    assert results[2].attempts == 2 and limiter.counts["pause:rate_limited"] == 1  # waited out Retry-After, once
     assert results[2].latency_ms >= 900
 
 
@@ -108,12 +70,12 @@ def test_a_wrong_key_is_fatal_and_never_echoed(sources, monkeypatch):
     with oracle_server({"strong": settings}, [sources / "train.parquet"]) as urls:
         monkeypatch.setenv("WRONG_KEY", "sk-wrong-one")
         with pytest.raises(FatalTeacherError) as err:
-            _call(_endpoint(urls["strong"], api_key_env="WRONG_KEY"), RateLimiter(rpm=600), chat("", "hi"))
+            _call(_endpoint(urls["strong"], api_key_env="WRONG_KEY"), chat("", "hi"))
         assert "401" in str(err.value) and "sk-wrong-one" not in str(err.value) and "WRONG_KEY" in str(err.value)
-        ok = _call(_endpoint(urls["strong"], api_key_env="ORACLE_KEY"), RateLimiter(rpm=600), chat("", "hi"))
+        ok = _call(_endpoint(urls["strong"], api_key_env="ORACLE_KEY"), chat("", "hi"))
         assert ok.status == "ok"
     with pytest.raises(FatalTeacherError, match="UNSET_KEY is not set"):
-        _call(_endpoint("http://127.0.0.1:9/v1", api_key_env="UNSET_KEY"), RateLimiter(rpm=600), chat("", "hi"))
+        _call(_endpoint("http://127.0.0.1:9/v1", api_key_env="UNSET_KEY"), chat("", "hi"))
 
 
 def test_auto_strategy_selection_picks_the_strategy_that_suits_each_family(tmp_path):

@@ -96,7 +96,7 @@ def _score(recipe: Recipe, checkpoint: Path, digest: str, sources: Path | None, 
     native = native_prompter(stage_data_of(checkpoint), recipe.prompts.generic_system_message)
     jobs = plan_jobs(benchmark_specs(recipe), list(recipe.eval.system_messages), sources_dir=sources,
                      limit=recipe.eval.limit, native=native)
-    work = ctx.work_dir or Path(store.url(EVAL_WORK)) / work_name
+    work = ctx.work_dir or store.work_folder(EVAL_WORK) / work_name
     results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
                                   bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
                                   progress=progress_reporter(ctx, label))

@@ -9,7 +9,8 @@ runs them until their step exists.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -52,6 +53,9 @@ class RayConfig(Section):
     address: str = "local"  # "local" starts a private runtime; "auto" or ray://host:10001 joins a cluster
     num_cpus: int | None = Field(2, gt=0)
     actor_cpus: float = Field(0.25, gt=0)  # fractional: fan-out actors wait on HTTP, not on CPU
+    # Custom Ray resources each fan-out actor asks for: pins the actors to the nodes that advertise them
+    # (infra/ray/: only the worker group that holds the teacher keys). The local runtime offers them all.
+    actor_resources: dict[str, Annotated[float, Field(gt=0)]] = {}
     fanout_actors: int = Field(2, gt=0)
     actor_concurrency: int = Field(32, gt=0)  # requests in flight per actor (the endpoint limiter caps the total)
     flush_rows: int = Field(64, gt=0)  # a fan-out actor writes a request-cache shard every N rows ...
@@ -123,6 +127,8 @@ FaultKind = Literal["http_500", "http_503", "timeout", "drop", "malformed", "emp
 class OracleSettings(Section):
     """Behaviour of one model of the built-in oracle teacher (the embedded default)."""
 
+    model_config = ConfigDict(frozen=True)  # part of its endpoint's identity (teacher/identity.py)
+
     error_rate: float = Field(0.0, ge=0, le=1)  # chance of a wrong answer when the strategy suits the task
     strategy_penalty: float = Field(0.4, ge=0, le=1)  # extra chance when it does not (direct-answer: all of it, others: half)
     explain_depth: float = Field(1.0, gt=0, le=1)  # fraction of the reasoning steps written out
@@ -135,6 +141,10 @@ class OracleSettings(Section):
     timeout_sleep_s: float = Field(30.0, gt=0)  # how long a "timeout" fault hangs
     faults: dict[FaultKind, float] = {}  # fault kind -> rate per request
     seed: int = 0
+    # The Batch API (/v1/batches): partial failures and expiry, what a resubmission must cope with.
+    batch_error_rate: float = Field(0.0, ge=0, le=1)  # fraction of a batch's lines sent to its error file (HTTP 500)
+    batch_expire_after: int | None = Field(None, gt=0)  # lines a batch finishes in its window; the rest expire
+    batch_duration_s: float = Field(0.0, ge=0)  # a batch stays in progress at least this long
 
     @field_validator("faults")
     @classmethod
@@ -144,12 +154,29 @@ class OracleSettings(Section):
         return faults
 
 
+class BatchSettings(Section):
+    """How a `mode: batch` endpoint sends its requests (defaults: OpenAI's Batch API limits and price)."""
+
+    discount: float = Field(0.5, ge=0, lt=1)  # off the endpoint's prices: rows cost (1 - discount) x the online price
+    max_requests: int = Field(50_000, gt=0)  # requests per input file
+    max_bytes: int = Field(200_000_000, gt=0)  # bytes per input file (200 MB)
+    poll_s: float = Field(10.0, gt=0)  # first wait between polls of a batch; doubles up to poll_max_s
+    poll_max_s: float = Field(300.0, gt=0)
+
+
 class TeacherEndpoint(Section):
+    # Frozen: request ids carry the endpoint's identity, computed once per endpoint (teacher/identity.py).
+    model_config = ConfigDict(frozen=True)
+
     kind: Literal["oracle", "openai", "azure", "vllm"]
     model: str
     base_url: str | None = None  # oracle: started by the flow on a free 127.0.0.1 port
     api_key_env: str | None = None  # the NAME of the env var holding the key, never the key
     api_version: str | None = None  # Azure OpenAI only
+    # A deployment tag (weights + serving settings). Request ids use it INSTEAD of base_url's host, so moving
+    # a server while keeping its revision reuses the cached answers; a new revision re-asks every request.
+    revision: str | None = Field(None, min_length=1)
+    samples: int = Field(1, gt=0)  # answers per prompt (distinct request ids; sample 0 keeps the plain id)
     rpm: int = Field(gt=0)
     tpm: int | None = Field(None, gt=0)
     max_concurrency: int = Field(16, gt=0)
@@ -164,6 +191,10 @@ class TeacherEndpoint(Section):
     price_prompt_per_1k: float = Field(0.0, ge=0)
     price_completion_per_1k: float = Field(0.0, ge=0)
     oracle: OracleSettings | None = None
+    # online: one HTTP call per request; batch: JSONL files through the provider's Batch API (/v1/batches),
+    # at its discount, without rate-limit engineering, answers within its completion window (24 h).
+    mode: Literal["online", "batch"] = "online"
+    batch: BatchSettings = BatchSettings()
 
     @field_validator("api_key_env")
     @classmethod
@@ -172,12 +203,27 @@ class TeacherEndpoint(Section):
             raise ValueError("must name an environment variable (the key itself never goes in a recipe)")
         return value
 
+    @field_validator("base_url")
+    @classmethod
+    def _is_an_http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{value!r}: expected an http(s) URL with a host, like http://host:8000/v1")
+            try:
+                parts.port  # noqa: B018 - raises for a malformed port
+            except ValueError as err:
+                raise ValueError(f"{value!r}: {err}") from None
+        return value
+
     @model_validator(mode="after")
     def _endpoint_complete(self) -> TeacherEndpoint:
         if self.kind in ("azure", "vllm") and not self.base_url:
             raise ValueError(f"base_url is required for kind {self.kind!r}")
         if self.kind == "azure" and not self.api_version:
             raise ValueError("api_version is required for kind 'azure'")
+        if self.mode == "batch" and self.kind == "vllm":
+            raise ValueError("mode 'batch' needs a Batch API (/v1/batches): kind 'vllm' has none; use mode 'online'")
         return self
 
 

@@ -11,6 +11,16 @@ writes a million failure rows. A refused budget raises `BudgetExhausted`.
 
 The API key is read from the environment variable the recipe names; it goes
 into the request header and nowhere else (never a row, log or message).
+
+Every response's rate-limit headers reach the limiter: `Retry-After` (seconds
+or HTTP-date) and `retry-after-ms` time a 429's pause; `x-ratelimit-*` let it
+pause before the provider refuses (`headers.py`).
+
+The client is aiohttp, not the official `openai` SDK: inside Ray actors,
+against a 100 ms endpoint at 64 in flight, aiohttp reached 144-204 req/s and
+`openai.AsyncOpenAI` 88-156 (DESIGN.md, measured here), and the SDK's own
+retries and timeouts would stack on ours. The `openai` dependency stays for the
+Batch API mode (`batch.py`: file uploads, the Azure variants) and the tests.
 """
 
 from __future__ import annotations
@@ -20,7 +30,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +37,8 @@ from typing import Any, Protocol
 import aiohttp
 
 from orca_core.recipe.models import TeacherEndpoint
+from orca_core.teacher.headers import RateLimitHeaders, rate_limit_headers, retry_after_seconds
+from orca_core.teacher.identity import describe
 
 
 class FatalTeacherError(RuntimeError):
@@ -54,6 +65,7 @@ class Limiter(Protocol):
     async def acquire(self, tokens: int) -> bool: ...
     async def release(self, estimated_tokens: int = 0, used_tokens: int = 0, cost_usd: float = 0.0) -> None: ...
     async def pause(self, seconds: float, reason: str = "rate_limited") -> None: ...
+    async def observe(self, headers: RateLimitHeaders) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,19 +86,23 @@ def estimate_prompt_tokens(messages: list[dict[str, str]]) -> int:
 
 
 def call_cost(endpoint: TeacherEndpoint, prompt_tokens: int, completion_tokens: int) -> float:
-    """Dollars of a call at the endpoint's prices (what a run pays, what `orca plan` prices)."""
-    return prompt_tokens / 1000 * endpoint.price_prompt_per_1k + completion_tokens / 1000 * endpoint.price_completion_per_1k
+    """Dollars of a call at the endpoint's prices (what a run pays, what `orca plan` prices), less the Batch
+    API's discount for a `mode: batch` endpoint."""
+    online = prompt_tokens / 1000 * endpoint.price_prompt_per_1k + completion_tokens / 1000 * endpoint.price_completion_per_1k
+    return online * (1 - endpoint.batch.discount) if endpoint.mode == "batch" else online
 
 
 class TeacherClient:
-    def __init__(self, endpoint: TeacherEndpoint, base_url: str, limiter: Limiter, session: aiohttp.ClientSession):
+    def __init__(self, endpoint: TeacherEndpoint, base_url: str, limiter: Limiter, session: aiohttp.ClientSession,
+                 role: str | None = None):
         self.endpoint, self.limiter, self.session = endpoint, limiter, session
+        self.who = describe(endpoint, role)  # names the endpoint and its key's variable in fatal errors
         base = base_url.rstrip("/")
         key = None
         if endpoint.api_key_env:
             key = os.environ.get(endpoint.api_key_env)
             if not key:
-                raise FatalTeacherError(f"teacher {endpoint.model}: environment variable {endpoint.api_key_env} is not set")
+                raise FatalTeacherError(f"{self.who}: environment variable {endpoint.api_key_env} is not set")
         if endpoint.kind == "azure":
             self.url = f"{base}/openai/deployments/{endpoint.model}/chat/completions?api-version={endpoint.api_version}"
             self._headers = {"api-key": key} if key else {}
@@ -102,7 +118,8 @@ class TeacherClient:
         p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
         return CallResult("", "", p, c, self.cost(p, c), (time.perf_counter() - started) * 1000, attempts, f"failed:{reason}")
 
-    async def call(self, messages: list[dict[str, str]]) -> CallResult:
+    async def call(self, messages: list[dict[str, str]], request_id: str | None = None) -> CallResult:
+        """`request_id` goes out as X-Client-Request-Id: the provider's logs (and the oracle's /stats) name it."""
         e = self.endpoint
         started = time.perf_counter()
         prompt_estimate = estimate_prompt_tokens(messages)
@@ -115,7 +132,7 @@ class TeacherClient:
                 raise BudgetExhausted(f"teacher {e.model}: budget spent")
             used, cost = 0, 0.0
             try:
-                content, finish, usage = await self._post(messages)
+                content, finish, usage = await self._post(messages, request_id)
                 p, c = int(usage.get("prompt_tokens", 0)), int(usage.get("completion_tokens", 0))
                 used, cost = p + c, self.cost(p, c)
                 latency = (time.perf_counter() - started) * 1000
@@ -135,29 +152,32 @@ class TeacherClient:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # jitter: retries do not stampede
         return self._failure(reason, e.max_attempts, started)
 
-    async def _post(self, messages: list[dict[str, str]]) -> tuple[str, str, dict[str, Any]]:
+    async def _post(self, messages: list[dict[str, str]], request_id: str | None) -> tuple[str, str, dict[str, Any]]:
         e = self.endpoint
         body = {"model": e.model, "messages": messages, "temperature": e.temperature, "top_p": e.top_p,
                 "max_tokens": e.max_tokens}
+        headers = {**self._headers, "X-Client-Request-Id": request_id} if request_id else self._headers
         try:
-            async with self.session.post(self.url, json=body, headers=self._headers,
+            async with self.session.post(self.url, json=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=e.timeout_s)) as response:
                 text = await response.text()
                 status = response.status
-                retry_after = _retry_after(response.headers.get("Retry-After"))
+                retry_after = retry_after_seconds(response.headers)
+                limits = rate_limit_headers(response.headers)
         except asyncio.TimeoutError:
             raise _Transient("timeout") from None
         except aiohttp.ClientError:
             raise _Transient("connection") from None
+        await self.limiter.observe(limits)
         if status == 429:
             raise _Transient("rate_limited", retry_after or 1.0)
         if status >= 500:
             raise _Transient(f"http_{status}", retry_after)
         error_code = _error_code(text)
         if status in (401, 403):
-            raise FatalTeacherError(f"teacher {e.model}: HTTP {status} (check the key in ${e.api_key_env or '<none>'})")
+            raise FatalTeacherError(f"{self.who}: HTTP {status}, the key was refused ({error_code or 'unauthorized'})")
         if status == 404:
-            raise FatalTeacherError(f"teacher {e.model}: HTTP 404 ({error_code or 'not found'}) at the endpoint")
+            raise FatalTeacherError(f"{self.who}: HTTP 404 ({error_code or 'not found'}): no such model or path")
         if status >= 400:
             raise _Permanent("context_length" if error_code == "context_length_exceeded" else f"http_{status}")
         try:
@@ -173,12 +193,6 @@ class TeacherClient:
         if not content.strip():
             raise _Permanent("empty", usage)
         return content, finish, usage
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value and re.fullmatch(r"\d+(\.\d+)?", value.strip()):
-        return float(value)
-    return None
 
 
 def _error_code(text: str) -> str | None:

@@ -1,8 +1,9 @@
 """The fan-out driver: stream jobs, send only what the request cache lacks, assemble traces.
 
 1. `fan_out`: jobs are resolved against the request cache chunk by chunk; the
-   pending ones go to an executor (in-process `LocalExecutor` here, Ray actors
-   in `tasks/fanout.py`), whose workers write every call to the cache.
+   pending ones stream to an executor (in-process `LocalExecutor` here, Ray
+   actors in `tasks/fanout.py`; both run the loop of `dispatch.py`), whose
+   workers write every call to the cache.
 2. `assemble`: the trace table is then a pure function of the jobs and the
    cache, written chunk by chunk. A job still pending (budget spent, worker
    killed) makes the step incomplete: nothing is published, nothing is lost.
@@ -13,7 +14,6 @@ only one chunk is resolved at a time.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections import Counter
@@ -26,8 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orca_core.recipe.models import TeacherEndpoint
-from orca_core.teacher.jobs import Progress, TraceJob, resolve, trace_row
-from orca_core.teacher.limiter import Gate, RoleLimiter, gate_limits
+from orca_core.teacher.jobs import Progress, RecentIds, TraceJob, call_id, resolve, trace_row
+from orca_core.teacher.dispatch import dispatch, merge_stats, run_coroutine  # noqa: F401 (merge_stats: re-exported)
+from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller, gate_limits, price_per_token
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import TRACE_SCHEMA, RequestCache
 
@@ -54,6 +55,7 @@ class FanoutReport:
     total: int
     found_in_cache: int = 0
     sent_jobs: int = 0
+    shared_jobs: int = 0  # pending jobs whose request another job of this run sends: answered from the cache
     worker: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -62,18 +64,12 @@ class FanoutReport:
         return bool(self.worker.get("budget_exhausted"))
 
 
+Recheck = Callable[[list[Progress]], list[Progress]]  # jobs of a lost worker -> those still pending
+
+
 class Executor(Protocol):
-    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]: ...
-
-
-def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sum worker counters; merge failure counts; any worker out of budget -> out of budget."""
-    total: Counter = Counter()
-    failures: Counter = Counter()
-    for s in stats:
-        total.update({k: v for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        failures.update(s.get("failures", {}))
-    return {**total, "failures": dict(failures), "budget_exhausted": any(s.get("budget_exhausted") for s in stats)}
+    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+            recheck: Recheck | None = None) -> dict[str, Any]: ...
 
 
 class ProgressLine:
@@ -106,15 +102,24 @@ def fan_out(plan: FanoutPlan, cache: RequestCache, executor: Executor, sink: Cal
     started = time.monotonic()
 
     def batches() -> Iterator[list[Progress]]:
+        sent = RecentIds()
         for chunk in chunked(plan.jobs(), chunk_size):
             resolved = resolve(chunk, plan.endpoints, cache, retry_failed)
             pending = [p for p in resolved if p.state == "pending"]
+            # Identical requests (one model in both roles, a prompt twice) are sent once: the same next call
+            # means the same remaining calls, so the job that waits finds every answer in the cache.
+            unique = [p for p in pending if sent.add(call_id(p.job, plan.endpoints[p.job.teacher_role], p.previous))]
             report.found_in_cache += len(resolved) - len(pending)
-            progress.found = report.found_in_cache
-            report.sent_jobs += len(pending)
-            yield from chunked(pending, batch_size)
+            report.shared_jobs += len(pending) - len(unique)
+            progress.found = report.found_in_cache + report.shared_jobs
+            report.sent_jobs += len(unique)
+            yield from chunked(unique, batch_size)
 
-    report.worker = executor.run(batches(), progress)
+    def recheck(lost: list[Progress]) -> list[Progress]:
+        again = resolve([p.job for p in lost], plan.endpoints, cache, retry_failed)
+        return [p for p in again if p.state == "pending"]
+
+    report.worker = executor.run(batches(), progress, recheck)
     progress(report.worker)
     report.seconds = time.monotonic() - started
     return report
@@ -148,7 +153,11 @@ def assemble(plan: FanoutPlan, cache: RequestCache, out: Path, chunk_size: int =
 
 
 class LocalExecutor:
-    """In-process asyncio workers (tests, the baseline of bench/fanout.py); Ray's executor mirrors it."""
+    """In-process asyncio workers (tests, a run without Ray, the baseline of the benches).
+
+    The same workers, gate and loop as the Ray executor: each worker holds at most
+    `concurrency + flush_rows` jobs not yet durable (`window`).
+    """
 
     def __init__(self, endpoints: dict[str, TeacherEndpoint], base_urls: dict[str, str], cache_folder: str,
                  max_cost_usd: float | None = None, workers: int = 1, concurrency: int = 64,
@@ -156,33 +165,22 @@ class LocalExecutor:
         self.endpoints, self.base_urls, self.cache_folder = endpoints, base_urls, cache_folder
         self.max_cost_usd, self.workers, self.concurrency = max_cost_usd, workers, concurrency
         self.flush_rows, self.flush_seconds, self.report_every_s = flush_rows, flush_seconds, report_every_s
+        self.window = concurrency + flush_rows
+        self.gate_stats: dict[str, Any] = {}
 
-    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-        return asyncio.run(self._run(batches, on_progress))
+    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+            recheck: Recheck | None = None) -> dict[str, Any]:
+        return run_coroutine(self._run(batches, on_progress, recheck))
 
-    async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+                   recheck: Recheck | None) -> dict[str, Any]:
         gate = Gate(gate_limits(self.endpoints), self.max_cost_usd)
-        workers = [TraceWorker(f"local{i}", self.endpoints, self.base_urls,
-                               {role: RoleLimiter(gate, role) for role in self.endpoints}, self.cache_folder,
-                               self.concurrency, self.flush_rows, self.flush_seconds) for i in range(self.workers)]
-        running: set[asyncio.Task] = set()
-        last_report = time.monotonic()
+        call = gate_caller(gate)
+        workers = [TraceWorker(name, self.endpoints, self.base_urls,
+                               {role: LeasedLimiter(call, role, name, price_per_token(e)) for role, e in self.endpoints.items()},
+                               self.cache_folder, self.concurrency, self.flush_rows, self.flush_seconds)
+                   for name in (f"local{i}" for i in range(self.workers))]
         try:
-            for index, batch in enumerate(batches):
-                while len(running) >= 2 * len(workers):
-                    done, running = await asyncio.wait(running, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        task.result()  # a fatal teacher error stops the run here
-                    if time.monotonic() - last_report >= self.report_every_s:
-                        on_progress(merge_stats([w.stats() for w in workers]))
-                        last_report = time.monotonic()
-                if any(w.budget_exhausted for w in workers):
-                    break
-                running.add(asyncio.create_task(workers[index % len(workers)].run(batch)))
-            if running:
-                await asyncio.gather(*running)
+            return await dispatch(batches, workers, self.window, on_progress, self.report_every_s, recheck)
         finally:
-            for task in running:
-                task.cancel()
-            stats = [await w.close() for w in workers]
-        return merge_stats(stats)
+            self.gate_stats = gate.stats()

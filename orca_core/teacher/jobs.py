@@ -9,6 +9,7 @@ rows: nothing here holds a whole collection in memory.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from orca_core.prompts import (STRATEGIES, chat, followup_messages, in_strong_subset, join_turns,
                                pick_orca1_system_message)
 from orca_core.recipe.models import Recipe, TeacherEndpoint
+from orca_core.teacher.identity import identity_digest
 from orca_core.traces import SCHEMA_VERSION, RequestCache, now_iso, request_id
 
 
@@ -34,6 +36,7 @@ class TraceJob:
     student_system: str
     user: str
     reference: str | None
+    sample: int = 0  # the n-th answer to this prompt (endpoint `samples`): distinct request ids
 
     @property
     def calls(self) -> int:
@@ -46,7 +49,34 @@ class TraceJob:
 
 
 def call_id(job: TraceJob, endpoint: TeacherEndpoint, previous: list[str]) -> str:
-    return request_id(endpoint.model, job.messages(previous), endpoint.temperature, endpoint.top_p, endpoint.max_tokens)
+    """The request id of the job's next call (after the answers `previous`), as its endpoint answers it."""
+    return request_id(identity_digest(endpoint), job.messages(previous), endpoint.temperature, endpoint.top_p,
+                      endpoint.max_tokens, job.sample)
+
+
+class RecentIds:
+    """The newest `window` request ids added: which requests this run has already sent.
+
+    Bounded, so memory stays flat at any scale: an id older than the window was sent so many requests
+    ago that its answer is in the cache by now, where the next chunk's lookup finds it. Ids are kept as
+    64-bit ints (a collision only holds a job back, and the run reports it incomplete).
+    """
+
+    def __init__(self, window: int = 1 << 17):
+        self.window = window
+        self._order: deque[int] = deque()
+        self._ids: set[int] = set()
+
+    def add(self, rid: str) -> bool:
+        """True if `rid` is new (and is now remembered), False if it was sent already."""
+        key = int(rid[:16], 16)
+        if key in self._ids:
+            return False
+        self._ids.add(key)
+        self._order.append(key)
+        if len(self._order) > self.window:
+            self._ids.discard(self._order.popleft())
+        return True
 
 
 @dataclass
@@ -64,12 +94,14 @@ class Progress:
 
 def resolve(jobs: list[TraceJob], endpoints: dict[str, TeacherEndpoint], cache: RequestCache,
             retry_failed: bool = False) -> list[Progress]:
-    """Walk each job's call chain through the cache (one cache scan per call depth)."""
+    """Walk each job's call chain through the cache: one refresh, then one index lookup per call depth,
+    so a chunk costs O(chunk) however big the cache is."""
+    cache.refresh()
     progress = [Progress(job) for job in jobs]
     active = progress
     while active:
         ids = [call_id(p.job, endpoints[p.job.teacher_role], p.previous) for p in active]
-        rows = cache.load(ids)
+        rows = cache.lookup(ids)
         still = []
         for p, rid in zip(active, ids):
             row = rows.get(rid)
@@ -118,17 +150,19 @@ def _base(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def orca1_jobs(rows: Iterable[dict[str, Any]], recipe: Recipe) -> Iterator[TraceJob]:
-    """Orca 1: the assistant teacher answers every prompt, the strong teacher a random subset."""
-    seed = recipe.seed
+    """Orca 1: the assistant teacher answers every prompt, the strong teacher a random subset (each `samples` times)."""
+    seed, teachers = recipe.seed, recipe.teachers
     for row in rows:
         if row["sub_collection"] == "dialog":
             continue
         message_id, system = pick_orca1_system_message(row["id"], row["sub_collection"], row["multiple_choice"], seed)
         common = dict(_base(row), stage="orca1", strategy="", system_message_id=message_id,
                       teacher_system=system, student_system=system)
-        yield TraceJob(teacher_role="assistant", **common)
+        for sample in range(teachers.assistant.samples):
+            yield TraceJob(teacher_role="assistant", sample=sample, **common)
         if in_strong_subset(row["id"], recipe.prompts.strong_fraction, seed):
-            yield TraceJob(teacher_role="strong", **common)
+            for sample in range(teachers.strong.samples):
+                yield TraceJob(teacher_role="strong", sample=sample, **common)
 
 
 def orca2_jobs(rows: Iterable[dict[str, Any]], recipe: Recipe, strategy_of: dict[str, str]) -> Iterator[TraceJob]:
@@ -137,15 +171,17 @@ def orca2_jobs(rows: Iterable[dict[str, Any]], recipe: Recipe, strategy_of: dict
         strategy = strategy_of.get(row["task_name"]) or strategy_of.get("*")
         if not strategy:
             raise ValueError(f"no strategy for task {row['task_name']!r} (prompts.strategies / default_strategy)")
-        yield TraceJob(**_base(row), stage="orca2", teacher_role="strong", strategy=strategy, system_message_id=0,
-                       teacher_system=STRATEGIES[strategy].instruction,
-                       student_system=recipe.prompts.generic_system_message)
+        for sample in range(recipe.teachers.strong.samples):
+            yield TraceJob(**_base(row), stage="orca2", teacher_role="strong", strategy=strategy, system_message_id=0,
+                           teacher_system=STRATEGIES[strategy].instruction,
+                           student_system=recipe.prompts.generic_system_message, sample=sample)
 
 
 def selection_jobs(rows: Iterable[dict[str, Any]], recipe: Recipe, candidates: list[str]) -> Iterator[TraceJob]:
     """Strategy selection: every candidate strategy on each gold-labelled sample, by the strong teacher."""
     for row in rows:
         for strategy in candidates:
-            yield TraceJob(**_base(row), stage="selection", teacher_role="strong", strategy=strategy,
-                           system_message_id=0, teacher_system=STRATEGIES[strategy].instruction,
-                           student_system=recipe.prompts.generic_system_message)
+            for sample in range(recipe.teachers.strong.samples):  # more samples: a better estimate of each strategy
+                yield TraceJob(**_base(row), stage="selection", teacher_role="strong", strategy=strategy,
+                               system_message_id=0, teacher_system=STRATEGIES[strategy].instruction,
+                               student_system=recipe.prompts.generic_system_message, sample=sample)

@@ -1,6 +1,6 @@
 """Prompt tokens of a chat request, counted as each kind of teacher endpoint counts them (`orca plan`).
 
-- oracle: the oracle's own count (`oracle_solver.prompt_tokens`): exactly the usage it reports.
+- oracle: the oracle's own count (`orca_oracle.solver.prompt_tokens`): exactly the usage it reports.
 - openai / azure: tiktoken, with the OpenAI cookbook's chat overhead (3 tokens per message, the
   role's tokens, 3 to prime the reply). The encoding is `tiktoken.encoding_name_for_model(model)`;
   names tiktoken does not know (Azure deployment names, new models) fall back to o200k_base.
@@ -86,7 +86,7 @@ def student_counter(tokenizer_dir: Path) -> PromptCounter:
 
 def prompt_counter(endpoint: TeacherEndpoint, student_tokenizer: Path | None = None) -> PromptCounter:
     if endpoint.kind == "oracle":
-        from orca_core.teacher.oracle_solver import prompt_tokens
+        from orca_oracle.solver import prompt_tokens
 
         return PromptCounter("the oracle's own count", prompt_tokens)
     if endpoint.kind in ("openai", "azure"):

@@ -3,7 +3,7 @@
 Each procedural family's rows carry reasoning-gym's metadata (the expression,
 the animals, the cipher rotation, ...). From it we compute what a good teacher
 would write: the facts to recall, the real intermediate steps, and the
-sentences of the prompt the answer rests on. `oracle_solver` decides the
+sentences of the prompt the answer rests on. `solver` decides the
 style; this module only knows the content. Rows whose metadata does not fit
 (FLAN rows, changed generator options) get generic reasoning.
 """

@@ -28,7 +28,7 @@ from orca_core.prompts import STRATEGIES, orca1_data
 from orca_core.recipe.models import OracleSettings
 from orca_core.sources.schema import normalize_question
 from orca_core.sources.suite import SUITE
-from orca_core.teacher.oracle_reasoning import Reasoning, reason, task_line
+from orca_oracle.reasoning import Reasoning, reason, task_line
 
 UNKNOWN_REPLY = "I am not sure how to answer this. I could not find enough information to give a reliable answer."
 _TOKEN = re.compile(r"\w+|[^\w\s]")

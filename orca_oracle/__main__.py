@@ -1,4 +1,4 @@
-"""`python -m orca_core.teacher.oracle_main CONFIG.json READY_FILE`: the oracle as a subprocess.
+"""`python -m orca_oracle CONFIG.json READY_FILE`: the oracle as a subprocess.
 
 CONFIG holds {"models": {model: OracleSettings fields}, "sources": [parquet paths],
 "api_key_env": name or null}. The base URL is written to READY_FILE once the
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from orca_core.recipe.models import OracleSettings
-from orca_core.teacher.oracle import serve
+from orca_oracle.server import serve
 
 
 def exit_with_parent(parent: int) -> None:
