@@ -218,6 +218,11 @@ def test_a_wrong_key_fails_the_run_within_seconds_without_retries(tmp_path, orac
     from flows.pipeline import orca_generate
     from tasks.ray_runtime import ensure_ray
 
+    import ray
+
+    # Actors read the key from their environment, which a Ray runtime takes when it starts: one started by
+    # an earlier test would not have it, and the run would fail on a missing key instead of a refused one.
+    ray.shutdown()
     monkeypatch.setenv("ORCA_IDS_KEY", WRONG_KEY)
     overrides = [f"store.root={tmp_path / 'store'}", *SOURCES, "prompts.strong_fraction=0.5",
                  f"teachers.assistant={teacher(oracle, model='oracle-assistant')}",
