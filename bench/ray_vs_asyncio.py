@@ -1,6 +1,6 @@
 """Ray actors versus one asyncio process at equal concurrency, against the oracle on 127.0.0.1. Prints JSON.
 
-    .venv/bin/python bench/ray_vs_asyncio.py [--prompts 3000] [--latency-ms 50] [--repeats 3]
+    .venv/bin/python bench/ray_vs_asyncio.py [--prompts 6000] [--latency-ms 50] [--repeats 3]
 
 One oracle (no rate limit, lognormal latency), one sources artifact; each
 repeat runs the Orca 1 traces step cold (fresh store) twice: one process with
@@ -65,7 +65,7 @@ def traces(r, runner, sources_from: Path) -> tuple[float, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=3000)
+    parser.add_argument("--prompts", type=int, default=6000)
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()

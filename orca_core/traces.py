@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import uuid
 from collections import Counter
@@ -205,7 +206,12 @@ class RequestCache:
                     for leftover in (stale, Path(f"{stale}-wal"), Path(f"{stale}-shm")):
                         with contextlib.suppress(OSError):
                             leftover.unlink()
-            self._index = RequestIndex(path, REQUEST_SCHEMA)
+            try:
+                self._index = RequestIndex(path, REQUEST_SCHEMA)
+            except sqlite3.DatabaseError:  # a damaged index file: it is only a cache of the shards
+                log.warning("request index %s is unreadable; rebuilding it from the shards", path)
+                path.unlink(missing_ok=True)
+                self._index = RequestIndex(path, REQUEST_SCHEMA)
         return self._index
 
     def _compact(self, index: RequestIndex) -> None:

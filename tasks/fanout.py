@@ -1,14 +1,15 @@
 """The teacher fan-out on Ray: async worker actors spread over the nodes, one gate actor, the shared loop.
 
 - `GateActor`: every endpoint's limits and the run's budget (`orca_core/teacher/
-  limiter.py`), on the driver's node, without a CPU. Workers lease permits from
+  gate.py`), on the driver's node, without a CPU. Workers lease permits from
   it in blocks, so it sees O(requests / block) calls, and limits hold across
   all actors and nodes.
 - `WorkerActor`: one `TraceWorker` each (own aiohttp session, own concurrency,
   own request-cache shards), spread over the nodes (`SPREAD`, plus the custom
   resources that pin teacher callers: `fanout_actor_options`).
 - The driver runs `dispatch` (the same loop as the in-process executor): each
-  actor holds at most `actor_concurrency + flush_rows` jobs not yet durable.
+  actor holds at most `actor_concurrency + 2 x flush_rows` jobs not yet durable,
+  of which at most `actor_concurrency + flush_rows` answered (`dispatch.window`).
   An actor that dies (or its node) is replaced; its jobs are checked against
   the cache and sent again only where no answer was saved.
 - Actors are owned by the driver (not detached): when the driver dies, Ray
@@ -30,10 +31,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orca_core.recipe.models import Recipe, TeacherEndpoint
-from orca_core.teacher.dispatch import WorkerLost, dispatch, run_coroutine
+from orca_core.teacher.dispatch import WorkerLost, dispatch, run_coroutine, window
 from orca_core.teacher.fanout import FanoutPlan, FanoutReport, Recheck, fan_out
 from orca_core.teacher.jobs import Progress
-from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller, gate_limits, price_per_token
+from orca_core.teacher.gate import Gate, gate_limits
+from orca_core.teacher.limiter import LeasedLimiter, gate_caller, price_per_token
 from orca_core.teacher.runner import oracle_server
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import RequestCache
@@ -104,7 +106,7 @@ class RayExecutor:
                  cache_folder: str, report_every_s: float = 2.0):
         self.recipe, self.endpoints, self.base_urls, self.cache_folder = recipe, endpoints, base_urls, cache_folder
         self.report_every_s = report_every_s
-        self.window = recipe.ray.actor_concurrency + recipe.ray.flush_rows  # jobs per actor not yet durable
+        self.window = window(recipe.ray.actor_concurrency, recipe.ray.flush_rows)  # jobs per actor not yet durable
         self.nodes: dict[str, str] = {}  # actor name -> the node it runs on (every actor started in the run)
         self.gate_stats: dict[str, Any] = {}
 
@@ -120,7 +122,7 @@ class RayExecutor:
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         gate = GateActor.options(num_cpus=0, scheduling_strategy=here).remote(
             gate_limits(self.endpoints), self.recipe.teachers.max_cost_usd)
-        self.nodes["gate"] = await gate.node_id.remote()
+        gate_node = gate.node_id.remote()  # not awaited here: the workers start meanwhile
         actors: list[ActorWorker] = []
 
         def spawn(name: str) -> ActorWorker:
@@ -143,6 +145,7 @@ class RayExecutor:
             return await dispatch(batches, workers, self.window, on_progress, self.report_every_s, recheck, replace)
         finally:
             with contextlib.suppress(ray.exceptions.RayError):
+                self.nodes["gate"] = await gate_node
                 self.gate_stats = await gate.stats.remote()
             for a in actors:
                 ray.kill(a.actor)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -33,8 +34,10 @@ from orca_core.recipe.models import TeacherEndpoint
 from orca_core.store import ArtifactStore
 from orca_core.teacher.client import TeacherClient
 from orca_core.teacher.headers import RateLimitHeaders, duration_s, rate_limit_headers, retry_after_seconds
+from orca_core.teacher.dispatch import window
 from orca_core.teacher.jobs import Progress, TraceJob
-from orca_core.teacher.limiter import Gate, GateLost, LeasedLimiter, gate_caller
+from orca_core.teacher.gate import Gate
+from orca_core.teacher.limiter import GateLost, LeasedLimiter, gate_caller
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import TRACES_FILE, RequestCache
@@ -99,7 +102,7 @@ def test_two_workers_share_one_rate_smoothly_with_few_gate_calls():
 
     elapsed, times, gate = asyncio.run(go())
     assert 2.6 <= elapsed <= 3.6  # 60 at 20 per second, from an (almost) empty bucket
-    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 21  # paced: no burst
+    assert max(sum(1 for t in times if start <= t < start + 1.0) for start in times) <= 22  # paced (+ jitter)
     assert 60 <= gate["granted"] <= 70 and gate["leases"] <= 60 / 4  # blocks of half a second, split between two
 
 
@@ -303,8 +306,7 @@ def test_oracle_rpm_is_sustained_across_two_workers_without_a_429(tmp_path):
         traces(recipe, runner)
         served = oracle_stats(urls["assistant"])
     times = sorted(at(row) for row in cache_rows(tmp_path / "store", tmp_path / "index"))
-    begin, end = times[0] + 1.5, times[-1] - 1.5  # ~15 s of answers: the middle 12 s, past ramp-up and drain
-    sustained = sum(1 for t in times if begin <= t < end) / (end - begin) * 60
+    sustained = (len(times) - 1) / (times[-1] - times[0]) * 60  # first to last answer: ~15 s
     assert len(times) == 720 and served["by_status"] == {"200": 720}  # not one 429
     assert sustained >= 0.95 * rpm
     worker = runner.reports[0].worker
@@ -314,9 +316,9 @@ def test_oracle_rpm_is_sustained_across_two_workers_without_a_429(tmp_path):
 def test_a_slow_request_does_not_stall_its_worker(tmp_path):
     sources = with_sources(tmp_path / "store", 100)
     # Some requests hang (timeout fault): the client gives up after 1.5 s and retries. Meanwhile the same
-    # worker must keep taking new jobs: it holds at most 8 not yet durable (concurrency 4 + flush_rows 4).
-    with start_oracle(sources, faults={"timeout": 0.03}, timeout_sleep_s=5.0, latency_ms=10) as urls:
-        recipe = load_recipe("smoke", overrides(tmp_path / "store", urls["assistant"], 100, "ray.actor_concurrency=4",
+    # worker must keep taking new jobs: it holds at most window(8, 4) = 16 not yet durable.
+    with start_oracle(sources, faults={"timeout": 0.01}, timeout_sleep_s=5.0, latency_ms=10) as urls:
+        recipe = load_recipe("smoke", overrides(tmp_path / "store", urls["assistant"], 100, "ray.actor_concurrency=8",
                                                 "ray.flush_rows=4", timeout_s=1.5, max_attempts=3))
         traces(recipe, LocalFanoutRunner(recipe))
     rows = cache_rows(tmp_path / "store", tmp_path / "index")
@@ -325,13 +327,17 @@ def test_a_slow_request_does_not_stall_its_worker(tmp_path):
     for row in slow:
         began, ended = at(row) - row["latency_ms"] / 1000, at(row)
         answered_meanwhile = sum(1 for r in rows if began < at(r) < ended)
-        assert answered_meanwhile >= 3 * 8, (row["latency_ms"], answered_meanwhile)  # beyond several windows
+        # A worker stalled by the slow one would answer fewer than its window meanwhile.
+        assert answered_meanwhile >= 2 * window(8, 4), (row["latency_ms"], answered_meanwhile)
 
 
 # -- Ray: a SIGKILLed driver, a lost node ------------------------------------------------------------
-def private_ray_dir() -> str:
-    """A short temp dir for a private Ray runtime (its socket paths must stay under 108 bytes)."""
-    return tempfile.mkdtemp(prefix="orca-flow-ray-", dir="/tmp")
+@pytest.fixture
+def ray_dir():
+    """A short temp dir for private Ray runtimes (their socket paths must stay under 108 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="orca-flow-ray-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 KILLED_FANOUT = textwrap.dedent("""
@@ -351,9 +357,9 @@ KILLED_FANOUT = textwrap.dedent("""
 """)
 
 
-def test_sigkill_of_the_driver_then_resume_pays_twice_at_most_the_in_flight_limit(tmp_path, python):
+def test_sigkill_of_the_driver_then_resume_pays_twice_at_most_the_in_flight_limit(tmp_path, python, ray_dir):
     sources = with_sources(tmp_path / "store", 60)
-    # In-flight limit: 2 actors x (8 in flight + 8 answered, not yet flushed) = 32 requests.
+    # In-flight limit: 2 actors x (8 in flight + 8 answered, not yet flushed) = 32 requests (jobs queued are not paid).
     env = {**os.environ, "ORCA_INDEX_DIR": str(tmp_path / "driver-index"), "RAY_AUTH_MODE": "disabled"}
     with start_oracle(sources, latency_ms=40) as urls:
         url = urls["assistant"]
@@ -361,7 +367,7 @@ def test_sigkill_of_the_driver_then_resume_pays_twice_at_most_the_in_flight_limi
                          "ray.flush_rows=8", "ray.flush_seconds=0.5", rpm=1200, max_concurrency=16)
         limit = 2 * (8 + 8)
         cache = RequestCache(tmp_path / "store" / "requests", index_dir=tmp_path / "index", compact=False)
-        proc = subprocess.Popen([python, "-c", KILLED_FANOUT, private_ray_dir(), *args], start_new_session=True,
+        proc = subprocess.Popen([python, "-c", KILLED_FANOUT, str(ray_dir / "a"), *args], start_new_session=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
         deadline = time.monotonic() + 120
         while len(cache.load()) < 40:  # killed mid-way: some answers saved, most not yet
@@ -376,7 +382,7 @@ def test_sigkill_of_the_driver_then_resume_pays_twice_at_most_the_in_flight_limi
             if now != (saved, served_before):
                 (saved, served_before), still_since = now, time.monotonic()
             time.sleep(0.25)
-        resumed = subprocess.run([python, "-c", KILLED_FANOUT, private_ray_dir(), *args], capture_output=True,
+        resumed = subprocess.run([python, "-c", KILLED_FANOUT, str(ray_dir / "b"), *args], capture_output=True,
                                  text=True, timeout=300, env=env)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         served = oracle_stats(url)["ok_by_request_id"]
@@ -442,10 +448,9 @@ MULTI_NODE = textwrap.dedent("""
 """)
 
 
-def test_multi_node_cluster_loses_a_node_mid_run_and_nothing_is_lost(tmp_path, python):
+def test_multi_node_cluster_loses_a_node_mid_run_and_nothing_is_lost(tmp_path, python, ray_dir):
     sources = with_sources(tmp_path / "store", 100)
-    ray_dir = private_ray_dir()
-    env = {**os.environ, "RAY_TMPDIR": ray_dir, "ORCA_INDEX_DIR": str(tmp_path / "driver-index"),
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "ORCA_INDEX_DIR": str(tmp_path / "driver-index"),
            "RAY_AUTH_MODE": "disabled"}
     with start_oracle(sources, latency_ms=50) as urls:
         url = urls["assistant"]

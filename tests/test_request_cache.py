@@ -94,6 +94,17 @@ def test_a_recreated_folder_is_not_answered_from_its_old_index(tmp_path):
     assert len(list((tmp_path / "index").glob("*.sqlite"))) == 1  # the old generation's index is gone
 
 
+def test_a_damaged_index_is_rebuilt_from_the_shards(tmp_path):
+    cache = RequestCache(tmp_path / "requests", index_dir=tmp_path / "index")
+    write_shards(cache, [[row("a"), row("b", "failed:timeout")]])
+    assert served(cache, "ab") == {"a": ("ok", "00"), "b": ("failed:timeout", "00")}
+    cache.close()
+    for path in (tmp_path / "index").iterdir():
+        path.write_bytes(b"not a database" * 100)
+    assert served(RequestCache(tmp_path / "requests", index_dir=tmp_path / "index"), "ab") == {
+        "a": ("ok", "00"), "b": ("failed:timeout", "00")}
+
+
 @pytest.mark.parametrize("store", ["memory", "s3"])
 def test_object_store_folder_without_rename(tmp_path, request, store):
     """No rename, no lock: shards are uploaded whole; compaction still merges; the semantics hold.

@@ -18,7 +18,8 @@ from orca_core.recipe.models import TeacherEndpoint
 from orca_core.sources.suite import SUITE
 from orca_core.store import ArtifactStore
 from orca_core.teacher.client import FatalTeacherError, TeacherClient
-from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller
+from orca_core.teacher.gate import Gate
+from orca_core.teacher.limiter import LeasedLimiter, gate_caller
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
 
 

@@ -2,7 +2,8 @@
 
 - Each worker holds at most `window` jobs not yet durable; the loop refills it
   as tickets come back (a job's rows are in a shard), so a slow request holds
-  one slot, never a batch, and a crash anywhere loses at most the windows.
+  one slot, never a batch, and a crash anywhere makes at most `concurrency +
+  flush_rows` answers per worker paid twice (`window`).
 - The job stream (`batches`: resolved against the request cache chunk by
   chunk) is pulled lazily on one helper thread, so the loop keeps serving the
   workers while a chunk is resolved.
@@ -41,6 +42,13 @@ class WorkerHandle(Protocol):
     async def submit(self, jobs: list[tuple[int, Progress]]) -> None: ...
     async def durable(self, timeout: float) -> dict[str, Any]: ...  # {"tickets": [...], "stats": {...}}
     async def close(self) -> dict[str, Any]: ...
+
+
+def window(concurrency: int, flush_rows: int) -> int:
+    """Jobs a worker may hold not yet durable: `concurrency` sending, `flush_rows` answered but not yet in a
+    shard, and `flush_rows` queued, so that it never runs dry while a shard is written and the loop refills it.
+    What a crash can make paid twice is the first two: a worker flushes at `flush_rows` answers."""
+    return concurrency + 2 * flush_rows
 
 
 def merge_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:

@@ -26,9 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orca_core.recipe.models import TeacherEndpoint
+from orca_core.teacher.dispatch import dispatch, merge_stats, run_coroutine, window  # noqa: F401 (merge_stats: re-exported)
 from orca_core.teacher.jobs import Progress, RecentIds, TraceJob, call_id, resolve, trace_row
-from orca_core.teacher.dispatch import dispatch, merge_stats, run_coroutine  # noqa: F401 (merge_stats: re-exported)
-from orca_core.teacher.limiter import Gate, LeasedLimiter, gate_caller, gate_limits, price_per_token
+from orca_core.teacher.gate import Gate, gate_limits
+from orca_core.teacher.limiter import LeasedLimiter, gate_caller, price_per_token
 from orca_core.teacher.worker import TraceWorker
 from orca_core.traces import TRACE_SCHEMA, RequestCache
 
@@ -155,8 +156,7 @@ def assemble(plan: FanoutPlan, cache: RequestCache, out: Path, chunk_size: int =
 class LocalExecutor:
     """In-process asyncio workers (tests, a run without Ray, the baseline of the benches).
 
-    The same workers, gate and loop as the Ray executor: each worker holds at most
-    `concurrency + flush_rows` jobs not yet durable (`window`).
+    The same workers, gate and loop as the Ray executor (`dispatch.window`: jobs per worker not yet durable).
     """
 
     def __init__(self, endpoints: dict[str, TeacherEndpoint], base_urls: dict[str, str], cache_folder: str,
@@ -165,7 +165,7 @@ class LocalExecutor:
         self.endpoints, self.base_urls, self.cache_folder = endpoints, base_urls, cache_folder
         self.max_cost_usd, self.workers, self.concurrency = max_cost_usd, workers, concurrency
         self.flush_rows, self.flush_seconds, self.report_every_s = flush_rows, flush_seconds, report_every_s
-        self.window = concurrency + flush_rows
+        self.window = window(concurrency, flush_rows)
         self.gate_stats: dict[str, Any] = {}
 
     def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],

@@ -176,7 +176,9 @@ class TraceWorker:
             await asyncio.sleep(self.flush_seconds)
             self._flush()
             if self.orphan_after_s and self._jobs and time.monotonic() - self._polled > self.orphan_after_s:
-                self._stop(f"no word from the driver for {self.orphan_after_s:.0f} s")
+                why = f"no word from the driver for {self.orphan_after_s:.0f} s"
+                self.error = self.error or TimeoutError(f"fan-out worker {self.name} stopped sending: {why}")
+                self._stop(why)
 
     def _stop(self, why: str) -> None:
         """Send nothing more: cancel every job (what is answered is flushed)."""
