@@ -25,9 +25,9 @@ from orca_core.keys import canonical_json, sha256_text
 from orca_core.prompts import PROMPTS_VERSION, STRATEGIES, orca1_data
 from orca_core.recipe.models import Recipe, TeacherEndpoint
 from orca_core.sources import HELDOUT_FILE, TRAIN_FILE
-from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, assemble
+from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, FanoutReport, TraceTable, assemble, survey
 from orca_core.teacher.identity import endpoint_identity
-from orca_core.teacher.jobs import orca1_jobs, orca2_jobs, selection_jobs
+from orca_core.teacher.jobs import JOB_COLUMNS, orca1_jobs, orca2_jobs, selection_jobs
 from orca_core.teacher.runner import run_fanout
 from orca_core.traces import SELECTION_FILE, STRATEGIES_FILE, TRACES_FILE, RequestCache
 
@@ -55,22 +55,32 @@ def _train_rows(sources: Path) -> list[dict[str, Any]]:
 
 
 def _stream_rows(sources: Path, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
-    """Train rows batch by batch: a fan-out over millions of prompts never holds them all."""
-    for batch in pq.ParquetFile(sources / TRAIN_FILE).iter_batches(batch_size=batch_rows):
-        yield from batch.to_pylist()
+    """Train rows (the columns jobs read) batch by batch: a fan-out over millions of prompts never holds them all."""
+    for batch in pq.ParquetFile(sources / TRAIN_FILE).iter_batches(batch_size=batch_rows, columns=JOB_COLUMNS):
+        columns = [column.to_pylist() for column in batch.columns]
+        yield from (dict(zip(JOB_COLUMNS, values)) for values in zip(*columns))
 
 
 def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Path, out_file: Path) -> dict[str, Any]:
+    """Survey the cache, send what it lacks (batch-mode roles through the Batch API), write the traces."""
     if ctx.request_cache is None:
         raise RuntimeError("this step sends teacher requests: it needs a request cache")
     cache = RequestCache(ctx.request_cache)
-    report = run_fanout(plan, ctx.fanout, cache, [sources / TRAIN_FILE, sources / HELDOUT_FILE], ctx.sink,
-                        ctx.retry_failed, recipe.teachers.max_cost_usd)  # batch-mode roles via the Batch API
+    table = TraceTable(out_file)
     try:
-        stats = assemble(plan, cache, out_file)
+        found = survey(plan, cache, table, ctx.sink, ctx.retry_failed)
+        report = FanoutReport(found.total, found_in_cache=found.total - found.pending)
+        if found.pending:  # else every trace is written already: no teacher is started
+            rest = plan.after(found.written)
+            report = run_fanout(rest, ctx.fanout, cache, [sources / TRAIN_FILE, sources / HELDOUT_FILE], ctx.sink,
+                                ctx.retry_failed, recipe.teachers.max_cost_usd)
+            report.found_in_cache += found.written
+            assemble(rest, cache, table)
     except FanoutIncomplete as err:
         reason = "the budget (teachers.max_cost_usd) is spent" if report.budget_exhausted else "the fan-out stopped early"
-        raise FanoutIncomplete(f"{err}; {reason}") from None
+        raise FanoutIncomplete(f"{err} (of {found.total}); {reason}") from None
+    finally:
+        stats = table.close()
     stats["this_run"] = {"found_in_cache": report.found_in_cache, "sent_jobs": report.sent_jobs,
                          "shared_jobs": report.shared_jobs,
                          "requests": report.worker.get("requests", 0), "seconds": round(report.seconds, 2),
@@ -80,7 +90,7 @@ def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Pat
 
 
 def _plan(jobs: Callable, endpoints: dict[str, TeacherEndpoint]) -> FanoutPlan:
-    return FanoutPlan(jobs, sum(1 for _ in jobs()), endpoints)
+    return FanoutPlan(jobs, endpoints)
 
 
 # -- strategies ----------------------------------------------------------------------------

@@ -7,18 +7,22 @@ checks, read-only here) and, for a miss, the work it will do:
 - fan-out steps: teacher requests net of the request cache, per role, with
   prompt tokens (`teacher/tokens.py`), completion tokens (the mean of the
   endpoint's answers already in the cache, else `max_tokens`: an upper bound),
-  dollars at the endpoint's prices and hours at its rate limits. The jobs are
-  the fan-out's own (`generate.*_fanout`) when the upstream artifacts exist;
-  otherwise the counts come from the recipe and the line says "estimated";
+  dollars at the endpoint's prices and hours at its rate limits. A request
+  several jobs share (one model in both roles) counts once, as the fan-out
+  sends it once. The jobs are the fan-out's own (`generate.*_fanout`) when the
+  upstream artifacts exist; otherwise the counts come from the recipe and the
+  line says "estimated";
 - `train-<stage>`: optimizer steps and tokens (`schedule.optimizer_steps`);
 - `eval-<model>`: prompts per checkpoint (`eval.evaluate.plan_jobs`).
 
-The plan reads the store and never writes to it: no request is sent, nothing
-is built, and a corrupt artifact is reported, not moved aside.
+The plan reads the store (a path or an s3:// URL) and never writes to it: no
+request is sent, nothing is built, the request cache is not compacted, and a
+corrupt artifact is reported, not moved aside.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from orca_core.schedule import optimizer_steps
 from orca_core.sources import TRAIN_FILE
 from orca_core.steps import Explanation, Step, components, explain, steps_for, upstream_digests
 from orca_core.store import ArtifactRef, ArtifactStore
+from orca_core.traces import RequestCache
 
 
 
@@ -160,22 +165,25 @@ def make_plan(recipe: Recipe, names: list[str] | None = None) -> Plan:
     keys.update({name: step_key(c) for name, c in comps.items()})
     # The artifacts the work of a miss is counted from (datasets: in train_work).
     built = {name: checks.local_dir(name, keys[name]) for name in ("sources", "strategies", "tokenizer")}
-    cache = Path(store.url("requests"))  # the request cache (a fan-out needs a local store: elsewhere it is empty)
     rows = SourceRows(recipe, built["sources"])
     eval_prompts: EvalWork | None = None
     planned = []
-    for name in names or list(known):
-        status, why = step_status(store, checks, known[name], comps[name], recipe)
-        plan = StepPlan(name, keys[name], status, why)
-        if status == "miss":
-            if name in ("strategies", "traces-orca1", "traces-orca2"):
-                plan.teachers = fanout_work(name, recipe, built, cache, rows.estimated_groups())
-            elif name.startswith("train-"):
-                plan.training = train_work(recipe, name.removeprefix("train-"), store, checks, keys, rows)
-            elif name.startswith("eval-"):
-                eval_prompts = eval_prompts or eval_work(recipe, built["sources"])
-                plan.evaluation = eval_prompts
-        planned.append(plan)
+    # The request cache on any store (a path or s3:// URL), looked up through its local index; no compaction,
+    # so the plan never rewrites the store's shards.
+    with contextlib.closing(RequestCache(store.url("requests"), compact=False)) as cache:
+        cache.refresh()
+        for name in names or list(known):
+            status, why = step_status(store, checks, known[name], comps[name], recipe)
+            plan = StepPlan(name, keys[name], status, why)
+            if status == "miss":
+                if name in ("strategies", "traces-orca1", "traces-orca2"):
+                    plan.teachers = fanout_work(name, recipe, built, cache, rows.estimated_groups())
+                elif name.startswith("train-"):
+                    plan.training = train_work(recipe, name.removeprefix("train-"), store, checks, keys, rows)
+                elif name.startswith("eval-"):
+                    eval_prompts = eval_prompts or eval_work(recipe, built["sources"])
+                    plan.evaluation = eval_prompts
+            planned.append(plan)
     return Plan(recipe.name, recipe_hash(recipe), store.url(), planned, recipe.teachers.max_cost_usd)
 
 
@@ -287,7 +295,8 @@ def markdown(plan: Plan) -> str:
     if plan.teachers:
         lines += ["", "| step | role | model | requests | cached | prompt tokens | completion tokens | $ | hours | note |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {t.step} | {t.role} | {t.model} | {t.requests:,} | {t.cached:,} | {t.prompt_tokens:,} "
+        lines += [f"| {t.step} | {t.role} | {t.model} | {t.requests:,} | {t.cached:,}"
+                  f"{f' (+{t.shared:,} shared)' if t.shared else ''} | {t.prompt_tokens:,} "
                   f"({t.prompt_basis}) | {t.completion_tokens:,} ({t.completion_basis}) | {t.usd:,.4f} | "
                   f"{t.hours:.3f} | {t.note} |" for t in plan.teachers]
     lines += ["", f"**Total:** {sum(s.status == 'miss' for s in plan.steps)} of {len(plan.steps)} steps to run, "

@@ -119,6 +119,12 @@ class RequestIndex:
                     found[values[0]] = dict(zip(self.columns, values))
         return found
 
+    def answers_of(self, model: str) -> tuple[int, float | None, float | None, float | None]:
+        """(ok rows, mean prompt_tokens, completion_tokens, latency_ms) of a teacher model: one SQLite scan."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*), AVG(prompt_tokens), AVG(completion_tokens), AVG(latency_ms) "
+                                    "FROM requests WHERE teacher_model = ? AND status = 'ok'", (model,)).fetchone()
+
     def rows(self) -> Iterator[dict[str, Any]]:
         """Every request's row (O(cache): for tests and reports, not for the fan-out)."""
         with self._lock:

@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 from fsspec.implementations.local import LocalFileSystem
+
+from orca_core.store import filesystem
 
 FANIN = 8  # shards merged at once; also the size ratio between tiers
 FINAL_ROWS = 1 << 18  # shards this big are never merged again
@@ -44,7 +45,7 @@ class ShardFolder:
     """`<url>/*.parquet`: list, stream, publish whole, remove; `url` is a local path or an fsspec URL."""
 
     def __init__(self, url: str | Path):
-        self.fs, path = fsspec.core.url_to_fs(str(url))
+        self.fs, path = filesystem(str(url))  # no listing cache on object stores
         self.is_local = isinstance(self.fs, LocalFileSystem)
         self.path = str(Path(path).resolve()) if self.is_local else path.rstrip("/")
         self.url = self.path if self.is_local else str(url).rstrip("/")  # what another process reopens
@@ -54,7 +55,6 @@ class ShardFolder:
 
     def names(self) -> list[str]:
         """The published shards (hidden temp files excluded), sorted."""
-        self.fs.invalidate_cache(self.path)  # object-store listings are cached by fsspec
         try:
             entries = self.fs.ls(self.path, detail=False)
         except FileNotFoundError:

@@ -171,6 +171,11 @@ class RequestCache:
         with self._lock:
             return self._index.lookup(ids) if self._index is not None else {}
 
+    def answers_of(self, model: str) -> tuple[int, float | None, float | None, float | None]:
+        """(ok answers, mean prompt tokens, completion tokens, latency ms) of a teacher model (call `refresh` first)."""
+        with self._lock:
+            return self._index.answers_of(model) if self._index is not None else (0, None, None, None)
+
     def load(self, ids: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
         """Refresh, then request_id -> row for `ids` (all rows if None: O(cache), for tests and reports)."""
         self.refresh()

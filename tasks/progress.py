@@ -11,7 +11,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 
 def progress_sink(logger: Any, step: str, log_every_s: float = 10.0) -> Callable[[int, int, str], None]:
-    """A (done, total, line) callback: logs at most every `log_every_s`, draws a bar when attached to a TTY."""
+    """A (done, total, line) callback: logs at most every `log_every_s`, draws a bar when attached to a TTY.
+    A total of 0 means not known yet (a pass that counts): the bar spins, the line is logged as usual."""
     state = {"last": 0.0, "bar": None, "task": None}
 
     def sink(done: int, total: int, line: str) -> None:
@@ -21,11 +22,12 @@ def progress_sink(logger: Any, step: str, log_every_s: float = 10.0) -> Callable
                 state["bar"] = Progress(TextColumn(f"[bold]{step}"), BarColumn(), TextColumn("{task.description}"),
                                         TimeRemainingColumn(), transient=True)
                 state["bar"].start()
-                state["task"] = state["bar"].add_task(line, total=total)
-            state["bar"].update(state["task"], completed=done, description=line)
-            if done >= total:
+                state["task"] = state["bar"].add_task(line, total=total or None)
+            state["bar"].update(state["task"], completed=done, total=total or None, description=line)
+            if 0 < total <= done:
                 state["bar"].stop()
-        if now - state["last"] >= log_every_s or done >= total:
+                state["bar"] = None
+        if now - state["last"] >= log_every_s or 0 < total <= done:
             logger.info("%s: %s", step, line)
             state["last"] = now
 

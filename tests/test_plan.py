@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from orca_core.generate import orca1_fanout
-from orca_core.plan import make_plan
+from orca_core.plan import make_plan, markdown
 from orca_core.plan_teachers import ESTIMATED, ESTIMATED_STRATEGIES
 from orca_core.recipe import load_recipe
 from orca_core.steps import SOURCES, run_step
@@ -59,6 +60,16 @@ def sources_only(tmp_path) -> tuple:
     return recipe, store, store.local_dir(run_step(store, SOURCES, recipe).ref)
 
 
+def _cache_an_answer(recipe, cache_url: str, sources: Path) -> None:
+    """The first assistant job's answer in the request cache at `cache_url`: 32 prompt and 40 completion tokens."""
+    job = next(iter(orca1_fanout(recipe, sources).jobs()))
+    writer = RequestCache(cache_url).writer("test")
+    writer.add({"request_id": call_id(job, recipe.teachers.assistant, []), "teacher_model": "gpt-3.5-turbo",
+                "response": "It is 4.", "finish_reason": "stop", "prompt_tokens": 32, "completion_tokens": 40,
+                "cost_usd": 0.0, "latency_ms": 500.0, "attempts": 1, "status": "ok", "created_at": now_iso()})
+    writer.flush()
+
+
 def test_priced_dollars_follow_the_token_counts_net_of_the_request_cache(sources_only):
     recipe, store, sources = sources_only
     plan = make_plan(recipe, ["traces-orca1", "traces-orca2"])
@@ -72,17 +83,53 @@ def test_priced_dollars_follow_the_token_counts_net_of_the_request_cache(sources
     assert plan.teachers[2].note == ESTIMATED_STRATEGIES  # sources built, strategies not
 
     # One answer in the request cache: that request costs nothing, and its length replaces max_tokens.
-    job = next(iter(orca1_fanout(recipe, sources).jobs()))
-    writer = RequestCache(Path(store.url("requests"))).writer("test")
-    writer.add({"request_id": call_id(job, recipe.teachers.assistant, []), "teacher_model": "gpt-3.5-turbo",
-                "response": "It is 4.", "finish_reason": "stop", "prompt_tokens": 32, "completion_tokens": 40,
-                "cost_usd": 0.0, "latency_ms": 500.0, "attempts": 1, "status": "ok", "created_at": now_iso()})
-    writer.flush()
+    _cache_an_answer(recipe, store.url("requests"), sources)
     assistant = make_plan(recipe, ["traces-orca1"]).teachers[0]
     assert (assistant.requests, assistant.cached, assistant.prompt_tokens) == (159, 1, 12_563 - 32)
     assert assistant.completion_basis == "mean of 1 cached answers" and assistant.completion_tokens == 159 * 40
     assert assistant.usd == pytest.approx(12_531 / 1000 * 0.0015 + 6_360 / 1000 * 0.002)  # $0.0315165
     assert assistant.hours == pytest.approx(159 * 0.5 / 64 / 3600)  # latency-bound: 64 in flight
+
+
+def test_a_store_on_s3_plans_as_the_same_store_on_disk(sources_only, s3_root):
+    recipe, store, sources = sources_only
+    remote = load_recipe("smoke", [f"store.root={s3_root}", *PRICED])
+    s3 = ArtifactStore(s3_root)
+    for r, st in ((recipe, store), (remote, s3)):
+        _cache_an_answer(r, st.url("requests"), sources)
+    # Sources not built on S3 yet: the estimate takes its token means from the cached answer.
+    assistant = make_plan(remote, ["traces-orca1"]).teachers[0]
+    assert (assistant.note, assistant.requests, assistant.prompt_tokens, assistant.completion_tokens) == (
+        ESTIMATED, 160, 160 * 32, 160 * 40)
+    assert (assistant.prompt_basis, assistant.completion_basis) == ("mean prompt of 1 cached answers",
+                                                                    "mean of 1 cached answers")
+    # Sources built: the fan-out's own jobs, resolved against the cache on S3, as on disk.
+    run_step(s3, SOURCES, remote)
+    local, on_s3 = (make_plan(r, ["traces-orca1", "traces-orca2"]) for r in (recipe, remote))
+    assert (on_s3.teachers[0].requests, on_s3.teachers[0].cached) == (159, 1)
+    assert [dataclasses.asdict(t) for t in on_s3.teachers] == [dataclasses.asdict(t) for t in local.teachers]
+    assert (on_s3.requests, on_s3.usd) == (local.requests, local.usd)
+
+
+# One model serves both roles: the strong teacher is the assistant's endpoint (same kind, model, host and settings).
+ONE_MODEL = ["prompts.strong_fraction=1.0", "teachers.strong.kind=openai", "teachers.strong.model=gpt-3.5-turbo",
+             "teachers.strong.price_prompt_per_1k=0.0015", "teachers.strong.price_completion_per_1k=0.002",
+             "teachers.strong.max_tokens=100", "teachers.strong.temperature=0.7", "teachers.strong.top_p=0.95"]
+
+
+def test_a_request_both_roles_share_is_planned_once(tmp_path):
+    recipe = load_recipe("smoke", [f"store.root={tmp_path / 'store'}", *PRICED, *ONE_MODEL])
+    # Every Orca 1 row goes to both roles with the same request: the fan-out sends it once (the assistant's).
+    estimated = make_plan(recipe, ["traces-orca1"])
+    assert [(t.role, t.requests, t.shared) for t in estimated.teachers] == [("assistant", 160, 0), ("strong", 0, 160)]
+    assert estimated.requests == 160 and estimated.teachers[1].usd == 0
+    store = ArtifactStore(recipe.store.root)
+    run_step(store, SOURCES, recipe)
+    plan = make_plan(recipe, ["traces-orca1"])
+    assert [(t.role, t.requests, t.shared) for t in plan.teachers] == [("assistant", 160, 0), ("strong", 0, 160)]
+    assert plan.requests == 160 and plan.teachers[0].prompt_tokens == 12_563 and plan.teachers[1].prompt_tokens == 0
+    assert plan.usd == pytest.approx(12_563 / 1000 * 0.0015 + 16_000 / 1000 * 0.002)  # as with the assistant alone
+    assert "| traces-orca1 | strong | gpt-3.5-turbo | 0 | 0 (+160 shared) |" in markdown(plan)
 
 
 def test_a_budget_below_the_plan_is_named_and_the_run_refuses_to_start(sources_only):

@@ -65,5 +65,8 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA)
 
 
+ROW_GROUP_ROWS = 65_536  # readers stream row group by row group: a 5M-prompt pool never decodes at once
+
+
 def write_table(table: pa.Table, path: Path) -> None:
-    pq.write_table(table.cast(SOURCE_SCHEMA), path, compression="zstd")
+    pq.write_table(table.cast(SOURCE_SCHEMA), path, compression="zstd", row_group_size=ROW_GROUP_ROWS)

@@ -17,15 +17,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from orca_core.store import filesystem
 
 OPEN_STATES = ("submitting", "submitted")  # what `open` returns: batches that may still hold unpaid answers
 
 
 class BatchRecords:
     def __init__(self, folder: str | Path):
-        self.fs, self.root = fsspec.core.url_to_fs(str(folder))
+        self.fs, self.root = filesystem(str(folder))  # no listing cache on object stores
         self.fs.makedirs(self.root, exist_ok=True)
 
     def _path(self, submission: str) -> str:

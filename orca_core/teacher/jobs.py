@@ -21,7 +21,7 @@ from orca_core.teacher.identity import identity_digest
 from orca_core.traces import SCHEMA_VERSION, RequestCache, now_iso, request_id
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is ~4x slower to build, and millions are built per pass
 class TraceJob:
     source_id: str
     source: str
@@ -143,6 +143,10 @@ def trace_row(p: Progress, endpoint: TeacherEndpoint) -> dict[str, Any]:
 
 
 # -- builders ----------------------------------------------------------------------
+# The source columns the builders read: a pass over millions of rows decodes only these.
+JOB_COLUMNS = ["id", "source", "task_name", "template_type", "sub_collection", "inputs", "answer", "multiple_choice"]
+
+
 def _base(row: dict[str, Any]) -> dict[str, Any]:
     return {"source_id": row["id"], "source": row["source"], "task_name": row["task_name"],
             "template_type": row["template_type"], "sub_collection": row["sub_collection"],

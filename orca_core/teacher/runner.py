@@ -96,7 +96,7 @@ def split_by_mode(plan: FanoutPlan) -> dict[str, FanoutPlan]:
     parts = {}
     for mode, names in roles.items():
         jobs = lambda names=names: (j for j in plan.jobs() if j.teacher_role in names)  # noqa: E731
-        parts[mode] = FanoutPlan(jobs, sum(1 for _ in jobs()), {r: plan.endpoints[r] for r in names})
+        parts[mode] = FanoutPlan(jobs, {r: plan.endpoints[r] for r in names})
     return parts
 
 
@@ -115,6 +115,6 @@ def run_fanout(plan: FanoutPlan, online: FanoutRunner | None, cache: RequestCach
             reports.append(online.run(part, cache, oracle_sources, sink, retry_failed))
     if len(reports) == 1:
         return reports[0]
-    return FanoutReport(plan.total, found_in_cache=sum(r.found_in_cache for r in reports),
+    return FanoutReport(plan.count(), found_in_cache=sum(r.found_in_cache for r in reports),
                         sent_jobs=sum(r.sent_jobs for r in reports), shared_jobs=sum(r.shared_jobs for r in reports),
                         worker=merge_stats([r.worker for r in reports]), seconds=sum(r.seconds for r in reports))
