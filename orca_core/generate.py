@@ -81,7 +81,8 @@ def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Pat
         raise FanoutIncomplete(f"{err} (of {found.total}); {reason}") from None
     finally:
         stats = table.close()
-    stats["this_run"] = {"found_in_cache": report.found_in_cache, "sent_jobs": report.sent_jobs,
+    stats["this_run"] = {"found_in_cache": report.found_in_cache, "written_while_surveying": found.written,
+                         "sent_jobs": report.sent_jobs,
                          "shared_jobs": report.shared_jobs,
                          "requests": report.worker.get("requests", 0), "seconds": round(report.seconds, 2),
                          "cost_usd": report.worker.get("cost_micro_usd", 0) / 1e6,

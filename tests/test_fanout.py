@@ -22,6 +22,7 @@ from orca_core.traces import TRACES_FILE
 from orca_core.recipe import load_recipe
 from orca_core.recipe.models import TeacherEndpoint
 from orca_core.store import ArtifactStore
+from orca_core.teacher import fanout
 from orca_core.teacher.fanout import FanoutIncomplete
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
 from orca_core.traces import RequestCache
@@ -80,10 +81,13 @@ def test_second_build_sends_nothing_and_traces_carry_both_teachers(tmp_path, sou
         assert roles["assistant"] == 100 and 0 < roles["strong"] < 100  # strong answers a subset
         assert all(t["status"] == "ok" and t["student_system"] == t["teacher_system"] for t in traces)
         assert {t["system_message_id"] for t in traces if t["task_name"] == "basic_arithmetic"} <= {6, 11, 16}  # CoT set
-        # Rebuild from scratch (artifact deleted): every answer comes from the request cache.
+        # Rebuild from scratch (artifact deleted): every answer comes from the request cache, in one pass that
+        # starts no teacher (no fan-out runner is given: asking for one would raise).
         store.supersede("traces-orca1", first.ref.key)
-        again, _ = run_traces(recipe)
+        ctx = StepContext(fanout=None, request_cache=Path(store.url("requests")))
+        again = steps.run_step(store, steps.TRACES_ORCA1, recipe, ctx=ctx)
         assert not again.cached and stats(url)["ok"] == sent
+        assert store.manifest(again.ref)["stats"]["this_run"]["found_in_cache"] == len(traces)
         assert pq.read_table(Path(again.ref.url) / TRACES_FILE).equals(pq.read_table(Path(first.ref.url) / TRACES_FILE))
 
 
@@ -121,6 +125,27 @@ def test_budget_cap_stops_sending_and_a_later_run_resumes(tmp_path, sources):
         sent_before = stats(url)["ok"]
         done, _ = run_traces(recipe_for(tmp_path, url, "teachers.max_cost_usd=1000", **priced))
         assert stats(url)["ok"] - sent_before == done.rows["traces"] - len(paid)  # only the missing ones
+
+
+def test_a_resumed_fan_out_writes_the_traces_in_job_order(tmp_path, sources, monkeypatch):
+    """Chunks the cache answers whole are written while surveying, the rest after the fan-out: the table of a
+    resumed run is the table of a fully cached one, row for row (training sees the same data either way)."""
+    monkeypatch.setattr(fanout, "CHUNK_JOBS", 16)  # ~10 chunks: some whole in the cache, some not
+    monkeypatch.setattr(fanout, "ROW_GROUP_ROWS", 40)  # and several row groups
+    one_role = ["prompts.strong_fraction=0"]  # (the budget run answers the assistant's jobs in order)
+    with start_oracle(sources) as urls:
+        priced = {"price_prompt_per_1k": 0.5, "price_completion_per_1k": 1.0, "max_concurrency": 4}
+        with pytest.raises(FanoutIncomplete, match="budget"):
+            run_traces(recipe_for(tmp_path, urls["assistant"], "teachers.max_cost_usd=4.0", *one_role, **priced))
+        resumed, store = run_traces(recipe_for(tmp_path, urls["assistant"], "teachers.max_cost_usd=1000", *one_role, **priced))
+        table = pq.read_table(Path(resumed.ref.url) / TRACES_FILE)
+        this_run = store.manifest(resumed.ref)["stats"]["this_run"]
+        assert 16 <= this_run["written_while_surveying"] < len(table) and this_run["sent_jobs"] > 0
+        store.supersede("traces-orca1", resumed.ref.key)
+        cached, _ = run_traces(recipe_for(tmp_path, urls["assistant"], "teachers.max_cost_usd=1000", *one_role, **priced))
+    assert store.manifest(cached.ref)["stats"]["this_run"]["written_while_surveying"] == len(table)
+    again = pq.read_table(Path(cached.ref.url) / TRACES_FILE)
+    assert again.equals(table) and pq.ParquetFile(Path(cached.ref.url) / TRACES_FILE).num_row_groups == -(-len(table) // 40)
 
 
 def test_retry_failed_resends_only_failures_and_refreshes_downstream(tmp_path, sources):

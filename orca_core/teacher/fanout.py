@@ -107,6 +107,7 @@ class ProgressLine:
         self.sink(done, self.total, line)
 
 
+CHUNK_JOBS = 2000  # jobs resolved against the cache at once: one index lookup per call depth
 ROW_GROUP_ROWS = 16_384  # traces per row group: a footer of ~60 groups per 1M traces, ~16K rows buffered
 
 
@@ -133,12 +134,18 @@ class TraceTable:
                                                 schema=TRACE_SCHEMA))
         self.buffered += len(rows)
         if self.buffered >= ROW_GROUP_ROWS:
-            self._flush()
+            self._flush(whole_groups_only=True)
 
-    def _flush(self) -> None:
-        if self.buffer:
-            self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=ROW_GROUP_ROWS)
-        self.buffer, self.buffered = [], 0
+    def _flush(self, whole_groups_only: bool = False) -> None:
+        """Write the buffer in row groups of ROW_GROUP_ROWS (all of it at the end; else only whole groups)."""
+        if not self.buffer:
+            return
+        table = pa.concat_tables(self.buffer)
+        cut = len(table) // ROW_GROUP_ROWS * ROW_GROUP_ROWS if whole_groups_only else len(table)
+        if cut:
+            self.writer.write_table(table.slice(0, cut), row_group_size=ROW_GROUP_ROWS)
+        rest = table.slice(cut)
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
 
     def close(self) -> dict[str, Any]:
         self._flush()
@@ -155,11 +162,11 @@ class Survey:
 
 
 def survey(plan: FanoutPlan, cache: RequestCache, table: TraceTable, sink: Callable[[int, int, str], None],
-           retry_failed: bool = False, chunk_size: int = 2000, report_every_s: float = 5.0) -> Survey:
+           retry_failed: bool = False, report_every_s: float = 5.0) -> Survey:
     """Count the jobs and those the cache cannot answer; write the traces of the leading chunks it answers whole."""
     s = Survey()
     started = last = time.monotonic()
-    for chunk in chunked(plan.jobs(), chunk_size):
+    for chunk in chunked(plan.jobs(), CHUNK_JOBS):
         resolved = resolve(chunk, plan.endpoints, cache, retry_failed)
         pending = sum(p.state == "pending" for p in resolved)
         if s.written == s.total and not pending:
@@ -175,7 +182,7 @@ def survey(plan: FanoutPlan, cache: RequestCache, table: TraceTable, sink: Calla
 
 
 def fan_out(plan: FanoutPlan, cache: RequestCache, executor: Executor, sink: Callable[[int, int, str], None],
-            retry_failed: bool = False, chunk_size: int = 2000, batch_size: int = 64) -> FanoutReport:
+            retry_failed: bool = False, batch_size: int = 64) -> FanoutReport:
     """Send every job the cache cannot answer; returns what happened."""
     total = plan.count()
     report = FanoutReport(total)
@@ -184,7 +191,7 @@ def fan_out(plan: FanoutPlan, cache: RequestCache, executor: Executor, sink: Cal
 
     def batches() -> Iterator[list[Progress]]:
         sent = RecentIds()
-        for chunk in chunked(plan.jobs(), chunk_size):
+        for chunk in chunked(plan.jobs(), CHUNK_JOBS):
             resolved = resolve(chunk, plan.endpoints, cache, retry_failed)
             pending = [p for p in resolved if p.state == "pending"]
             # Identical requests (one model in both roles, a prompt twice) are sent once: the same next call
@@ -206,10 +213,10 @@ def fan_out(plan: FanoutPlan, cache: RequestCache, executor: Executor, sink: Cal
     return report
 
 
-def assemble(plan: FanoutPlan, cache: RequestCache, table: TraceTable, chunk_size: int = 2000) -> None:
+def assemble(plan: FanoutPlan, cache: RequestCache, table: TraceTable) -> None:
     """Add every job's trace to the table from the cache; raise FanoutIncomplete if any job is pending."""
     pending = 0
-    for chunk in chunked(plan.jobs(), chunk_size):
+    for chunk in chunked(plan.jobs(), CHUNK_JOBS):
         finished = [p for p in resolve(chunk, plan.endpoints, cache) if p.state != "pending"]
         pending += len(chunk) - len(finished)
         table.add(finished, plan.endpoints)
