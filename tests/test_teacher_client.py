@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from orca_core import steps
 from orca_core.context import StepContext
@@ -18,9 +24,13 @@ from orca_core.recipe.models import TeacherEndpoint
 from orca_core.sources.suite import SUITE
 from orca_core.store import ArtifactStore
 from orca_core.teacher.client import FatalTeacherError, TeacherClient
+from orca_core.teacher.fanout import FanoutPlan, LocalExecutor, fan_out
 from orca_core.teacher.gate import Gate
+from orca_core.teacher.jobs import TraceJob, call_id
 from orca_core.teacher.limiter import LeasedLimiter, gate_caller
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
+from orca_core.traces import RequestCache
+from orca_oracle.server import start
 
 
 # The limiter itself (leases, pacing, shares, pauses, budget): tests/test_fanout_flow.py.
@@ -93,3 +103,104 @@ def test_auto_strategy_selection_picks_the_strategy_that_suits_each_family(tmp_p
     assert chosen == {task: SUITE[task].strategy for task in recipe.sources.procedural.families}
     assert all(r["n"] == 12 for r in table) and len(table) == 8 * len(STRATEGIES)
     assert {r["accuracy"] for r in table if r["chosen"]} == {1.0}
+
+
+# -- which 400s end the run ------------------------------------------------------------------------
+# What providers answer with HTTP 400, by the prompt that gets it from `answer_400` below.
+BAD_REQUESTS = {
+    "too-long-openai": {"message": "This model's maximum context length is 8192 tokens. However, your messages "
+                        "resulted in 9000 tokens. Please reduce the length of the messages.",
+                        "type": "invalid_request_error", "param": "messages", "code": "context_length_exceeded"},
+    "too-long-vllm": {"message": "This model's maximum context length is 4096 tokens. However, you requested 5000 "
+                      "tokens (4000 in the messages, 1000 in the completion). Please reduce the length of the "
+                      "messages or completion.", "type": "BadRequestError", "param": None, "code": 400},
+    "too-long-vllm-v1": {"message": "The decoder prompt (length 5000) is longer than the maximum model length of "
+                         "4096. Make sure that `max_model_len` is no smaller than the number of text tokens.",
+                         "type": "BadRequestError", "param": None, "code": 400},
+    "flagged-openai": {"message": "Invalid prompt: your prompt was flagged as potentially violating our usage "
+                       "policy.", "type": "invalid_request_error", "param": None, "code": "invalid_prompt"},
+    "flagged-azure": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                      "management policy.", "type": None, "param": "prompt", "code": "content_filter",
+                      "status": 400, "innererror": {"code": "ResponsibleAIPolicyViolation"}},
+    "unknown-field": {"message": "Unrecognized request argument supplied: top_k", "type": "invalid_request_error",
+                      "param": None, "code": None},
+}
+PER_REQUEST = {"too-long-openai": "failed:context_length", "too-long-vllm": "failed:context_length",
+               "too-long-vllm-v1": "failed:context_length", "flagged-openai": "failed:content_filter",
+               "flagged-azure": "failed:content_filter"}
+
+
+@contextlib.contextmanager
+def protocol_server() -> Iterator[tuple[str, Counter]]:
+    """A chat-completions server on 127.0.0.1 (its own thread and loop): a prompt named in BAD_REQUESTS (or
+    that name, `#` and a number) gets that 400, any other an answer. Yields the base URL and the requests
+    served, by prompt name."""
+    served: Counter[str] = Counter()
+
+    async def answer_400(request: web.Request) -> web.Response:
+        prompt = (await request.json())["messages"][-1]["content"].split("#")[0]
+        served[prompt] += 1
+        if prompt in BAD_REQUESTS:
+            return web.json_response({"error": BAD_REQUESTS[prompt]}, status=400)
+        return web.json_response({"choices": [{"message": {"role": "assistant", "content": "4"},
+                                               "finish_reason": "stop"}],
+                                  "usage": {"prompt_tokens": 10, "completion_tokens": 1}})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer_400)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner, url = asyncio.run_coroutine_threadsafe(start(app), loop).result(timeout=30)
+    try:
+        yield url, served
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=30)
+        loop.close()
+
+
+def _fan_out(tmp_path: Path, url: str, prompts: list[str], concurrency: int = 8):
+    """Every prompt as an Orca 1 job of the assistant (a 1-call job) through the in-process fan-out:
+    (the request cache's rows by prompt, the report). Transient errors would be retried (max_attempts 3)."""
+    endpoint = _endpoint(url, model="m", max_attempts=3)
+    jobs = [TraceJob(f"s{i}", "procedural", "t", "zs_opt", "cot", "orca1", "assistant", "", 1, "sys", "sys", p, "4")
+            for i, p in enumerate(prompts)]
+    plan = FanoutPlan(lambda: jobs, {"assistant": endpoint}, len(jobs))
+    cache = RequestCache(tmp_path / "requests", index_dir=tmp_path / "index", compact=False)
+    executor = LocalExecutor(plan.endpoints, {"assistant": url}, cache.folder, concurrency=concurrency)
+    try:
+        report = fan_out(plan, cache, executor, lambda done, total, line: None)
+    finally:
+        rows = cache.load()
+        by_prompt = {j.user: rows.get(call_id(j, endpoint, [])) for j in jobs}
+    return by_prompt, report
+
+
+def test_a_400_about_one_prompt_is_its_failure_row_and_the_run_goes_on(tmp_path):
+    prompts = [*PER_REQUEST, "2+2?", "3+1?"]
+    with protocol_server() as (url, served):
+        rows, report = _fan_out(tmp_path, url, prompts)
+    assert {p: rows[p]["status"] for p in prompts} == {**PER_REQUEST, "2+2?": "ok", "3+1?": "ok"}
+    assert [rows[p]["attempts"] for p in prompts] == [1] * len(prompts)  # permanent: never retried
+    assert served == Counter(prompts)  # each sent once
+    assert report.worker["failures"] == {"context_length": 3, "content_filter": 2}
+
+
+def test_a_400_about_the_request_itself_ends_the_fan_out_at_once(tmp_path):
+    prompts = ["2+2?", *(f"unknown-field#{i}" for i in range(200))]  # 200 requests the endpoint refuses alike
+    with protocol_server() as (url, served):
+        started = time.monotonic()
+        with pytest.raises(FatalTeacherError) as err:
+            _fan_out(tmp_path, url, prompts)
+        elapsed = time.monotonic() - started
+        port = url.split(":")[2].split("/")[0]
+    message = str(err.value)
+    for part in (f"teachers.assistant (vllm model 'm' at 127.0.0.1:{port}, no key", "HTTP 400",
+                 "Unrecognized request argument supplied: top_k"):
+        assert part in message, (part, message)
+    assert elapsed < 5, elapsed
+    assert served["unknown-field"] <= 8  # at most the jobs in flight (concurrency 8), none retried
+    rows = RequestCache(tmp_path / "requests", index_dir=tmp_path / "index", compact=False).load()
+    assert all(row["status"] == "ok" for row in rows.values())  # no failure row: a rerun sends them again

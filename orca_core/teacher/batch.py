@@ -42,7 +42,8 @@ import openai
 
 from orca_core.recipe.models import TeacherEndpoint
 from orca_core.teacher.batch_records import BatchRecords
-from orca_core.teacher.client import FatalTeacherError, call_cost, estimate_prompt_tokens
+from orca_core.teacher.client import (FatalTeacherError, bad_request_reason, call_cost, error_of,
+                                      estimate_prompt_tokens)
 from orca_core.teacher.fanout import FanoutPlan, FanoutReport, fan_out
 from orca_core.teacher.identity import describe
 from orca_core.teacher.jobs import Progress, call_id
@@ -302,10 +303,9 @@ class BatchExecutor:
         if status == 429 or status >= 500:
             self._transient(rid, endpoint, "rate_limited" if status == 429 else f"http_{status}")
             return
-        if status != 200:
-            code = (body.get("error") or {}).get("code")
-            self._row(rid, endpoint, status="failed:" + ("context_length" if code == "context_length_exceeded"
-                                                         else f"http_{status}"), latency_ms=latency_ms)
+        if status != 200:  # a systematic 400 too: a whole file of them is paid nothing, so a row, not a stop
+            reason = bad_request_reason(error_of(body)) or f"http_{status}"
+            self._row(rid, endpoint, status=f"failed:{reason}", latency_ms=latency_ms)
             return
         try:
             choice, usage = body["choices"][0], body.get("usage") or {}

@@ -4,10 +4,13 @@
 errors (429, 5xx, timeouts, connection errors, malformed JSON) with
 exponential backoff and jitter, up to `max_attempts`, and returns the final
 failure as a `CallResult` with status `failed:<reason>`. Permanent errors
-(context too long, content filter, empty answer, other 4xx) fail at once.
-Only errors that would fail every request (bad key, unknown model, missing
-key variable) raise `FatalTeacherError`, which stops the fan-out before it
-writes a million failure rows. A refused budget raises `BudgetExhausted`.
+(context too long, content filter, empty answer, 4xx other than those below)
+fail at once. Errors that would fail every request (bad key, unknown model,
+missing key variable, a 400 that is not about this request's length or
+content: a wrong parameter, an unsupported field, a malformed body) raise
+`FatalTeacherError`, which stops the fan-out before it writes a million
+failure rows (`bad_request_reason` tells the two kinds of 400 apart). A
+refused budget raises `BudgetExhausted`.
 
 The API key is read from the environment variable the recipe names; it goes
 into the request header and nowhere else (never a row, log or message).
@@ -42,7 +45,18 @@ from orca_core.teacher.identity import describe
 
 
 class FatalTeacherError(RuntimeError):
-    """The endpoint refuses every request (auth, unknown model): stop, nothing collected is lost."""
+    """The endpoint refuses every request (auth, unknown model, a bad request): stop, nothing collected is lost."""
+
+
+# A 400 that only this request gets, from its prompt: a failure row, and the run goes on. OpenAI (and Groq) name
+# the error in `code`; vLLM's server sends type BadRequestError, `code` 400 and only says so in the message
+# ("This model's maximum context length is 4096 tokens. However, you requested 5000 tokens ...", "The decoder
+# prompt (length 5000) is longer than the maximum model length of 4096").
+CONTEXT_LENGTH_CODES = frozenset({"context_length_exceeded"})
+CONTEXT_LENGTH_PHRASES = ("maximum context length", "maximum model length", "reduce the length of the messages")
+# OpenAI's prompt flagged by moderation (`invalid_prompt`, `content_policy_violation`), Azure's content filter.
+CONTENT_FILTER_CODES = frozenset({"content_filter", "invalid_prompt", "content_policy_violation"})
+ERROR_DETAIL_CHARS = 300  # of the provider's message in a fatal error
 
 
 class BudgetExhausted(RuntimeError):
@@ -173,13 +187,20 @@ class TeacherClient:
             raise _Transient("rate_limited", retry_after or 1.0)
         if status >= 500:
             raise _Transient(f"http_{status}", retry_after)
-        error_code = _error_code(text)
+        error = error_of(text)
+        code = error.get("code")
         if status in (401, 403):
-            raise FatalTeacherError(f"{self.who}: HTTP {status}, the key was refused ({error_code or 'unauthorized'})")
+            raise FatalTeacherError(f"{self.who}: HTTP {status}, the key was refused ({code or 'unauthorized'})")
         if status == 404:
-            raise FatalTeacherError(f"{self.who}: HTTP 404 ({error_code or 'not found'}): no such model or path")
+            raise FatalTeacherError(f"{self.who}: HTTP 404 ({code or 'not found'}): no such model or path")
         if status >= 400:
-            raise _Permanent("context_length" if error_code == "context_length_exceeded" else f"http_{status}")
+            reason = bad_request_reason(error)
+            if reason is None and status == 400:
+                detail = str(error.get("message") or text)[:ERROR_DETAIL_CHARS]
+                raise FatalTeacherError(f"{self.who}: HTTP 400, the endpoint refuses the request itself, so it would "
+                                        f"refuse every one ({code or error.get('type') or 'bad request'}: "
+                                        f"{detail})")
+            raise _Permanent(reason or f"http_{status}")
         try:
             payload = json.loads(text)
             choice = payload["choices"][0]
@@ -195,8 +216,24 @@ class TeacherClient:
         return content, finish, usage
 
 
-def _error_code(text: str) -> str | None:
+def error_of(body: str | dict[str, Any]) -> dict[str, Any]:
+    """The `error` object of an error response's body (text or parsed), {} when it has none."""
     try:
-        return json.loads(text).get("error", {}).get("code")
+        error = (json.loads(body) if isinstance(body, str) else body).get("error")
     except (ValueError, AttributeError):
-        return None
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def bad_request_reason(error: dict[str, Any]) -> str | None:
+    """The failure reason of a 4xx that only this request gets (`context_length`, `content_filter`), or None:
+    the request itself is refused (a wrong parameter, an unsupported field, a malformed body), so every other
+    would be too. `error` is the response's `error` object (`error_of`)."""
+    code = error.get("code")
+    code = code.lower() if isinstance(code, str) else ""  # vLLM's code is the HTTP status, a number
+    message = str(error.get("message") or "").lower()
+    if code in CONTEXT_LENGTH_CODES or any(phrase in message for phrase in CONTEXT_LENGTH_PHRASES):
+        return "context_length"
+    if code in CONTENT_FILTER_CODES:
+        return "content_filter"
+    return None

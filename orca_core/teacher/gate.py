@@ -180,9 +180,13 @@ class Gate:
 
     @staticmethod
     async def _wait(e: EndpointGate, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: on Python 3.11 a wait_for cancelled twice (a worker stops its jobs on a
+        # fatal error, then closes) returns before its inner wait() has taken the lock back, which it then holds
+        # for good, and the run hangs at exit.
         try:
-            await asyncio.wait_for(e.changed.wait(), timeout=max(seconds, 0.001))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(seconds, 0.001)):
+                await e.changed.wait()
+        except TimeoutError:
             pass
 
     def _lease(self, e: EndpointGate, now: float, allowed: int, count: int = 0, first_in_s: float = 0.0,

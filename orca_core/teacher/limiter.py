@@ -159,8 +159,9 @@ class LeasedLimiter:
                             self._renew(tokens)  # ask the gate (one call at a time)
                     # else every slot of the share is busy: until a release
                     try:  # woken by a lease or a release, else at a slot, an expiry or the end of a pause
-                        await asyncio.wait_for(self.changed.wait(), timeout=timeout)
-                    except asyncio.TimeoutError:
+                        async with asyncio.timeout(timeout):  # not wait_for: see Gate._wait
+                            await self.changed.wait()
+                    except TimeoutError:
                         pass
         finally:
             self.waiting -= 1
