@@ -12,7 +12,7 @@ SET ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup run test serve bench bench-data browser clean
+.PHONY: setup run test serve bench bench-data browser clean gpu-wheels
 setup: $(STAMP)
 
 BENCH_DATA ?= bench-data
@@ -47,6 +47,20 @@ bench: setup
 	$(BIN)/python bench/fanout.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/train.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/eval.py
+
+# Wheels that bench/gpu.sh installs offline on the lent GPU machine (Python 3.12, no registry), which lacks them:
+# DeepSpeed built here with no ops (ZeRO-3 with torch's AdamW JIT-builds none) and pydantic's family, at this
+# venv's versions. Carry the folder: run(command="bash bench/gpu.sh", carry=["bench/gpu-wheels"]).
+GPU_WHEELS ?= bench/gpu-wheels
+GPU_PIP_TARGET := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+PINNED = $$($(BIN)/python -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' $(1))
+gpu-wheels: setup
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	DS_BUILD_OPS=0 $(BIN)/python -m pip wheel -q --no-deps --no-build-isolation -w $(GPU_WHEELS) $(call PINNED,deepspeed)
+	$(BIN)/python -m pip download -q --no-deps $(GPU_PIP_TARGET) -d $(GPU_WHEELS) \
+		$(call PINNED,hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions)
+	du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)
 
 clean:
 	rm -rf runs runs-* .pytest_cache .prefect-server test-artifacts
