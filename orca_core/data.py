@@ -6,8 +6,12 @@ traces, whose system message is the generic cautious one (prompt erasing: the
 student sees the answer a detailed strategy prompt produced, never the
 prompt), mixed with a replay of strong-teacher Orca 1 traces.
 
-The student learns only the teacher's tokens: the loss covers the assistant
-turn and its closing <|im_end|>, never the system or user turn. Examples are
+Each chat is rendered once by the tokenizer's chat template and tokenized
+whole, so training sees the ids inference sees (a SentencePiece tokenizer
+such as Llama's starts an answer tokenized apart with a "▁" token it never
+has after the prompt). The student learns only the teacher's tokens: the
+loss covers the tokens that hold the assistant turn and its closing
+<|im_end|>, never the system or user turn. Examples are
 packed into rows of at most max_len tokens (best-fit decreasing) with
 position ids restarting at each example, so the model builds a
 block-diagonal mask and examples never see each other; rows are not padded
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from transformers import PreTrainedTokenizerFast
+from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from orca_core.tokenizer import IM_END
 
@@ -68,40 +72,72 @@ def stage_examples(stage: str, sources_train: pa.Table, orca1: pa.Table | None, 
     raise ValueError(f"unknown stage data {stage!r}: expected flan, orca1 or orca2")
 
 
-def _prompt_text(tokenizer: PreTrainedTokenizerFast, example: dict[str, Any]) -> str:
-    messages = [{"role": "system", "content": example["system"]}, {"role": "user", "content": example["user"]}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _messages(example: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"role": "system", "content": example["system"]}, {"role": "user", "content": example["user"]},
+            {"role": "assistant", "content": example["assistant"]}]
 
 
-def _assemble(prompt: list[int], response: list[int], max_len: int, overlong: str) -> dict[str, Any] | None:
-    """input_ids and labels (prompt masked); None when the example is dropped for length."""
-    input_ids, labels = prompt + response, [IGNORE] * len(prompt) + response
+def _chat_texts(tokenizer: PreTrainedTokenizerFast, examples: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """Each example's whole conversation as the chat template renders it, and where its labelled span starts.
+
+    The span is the assistant's content and its closing <|im_end|>: its last
+    occurrence in the rendered text (the assistant turn is the last message).
+    """
+    rendered = tokenizer.apply_chat_template([_messages(e) for e in examples], tokenize=False)
+    texts = []
+    for example, text in zip(examples, rendered):
+        start = text.rfind(example["assistant"] + IM_END)
+        if start < 0:
+            raise ValueError(f"example {example.get('source_id')!r}: the chat template does not render the "
+                             f"assistant turn verbatim, followed by {IM_END}")
+        texts.append((text, start))
+    return texts
+
+
+def _assemble(input_ids: list[int], n_prompt: int, max_len: int, overlong: str) -> dict[str, Any] | None:
+    """input_ids and labels (the first n_prompt tokens masked); None when the example is dropped for length."""
+    labels = [IGNORE] * n_prompt + input_ids[n_prompt:]
     if len(input_ids) <= max_len:
         return {"input_ids": input_ids, "labels": labels, "truncated": False}
-    if overlong == "drop" or len(prompt) >= max_len:  # truncation would leave nothing to learn
+    if overlong == "drop" or n_prompt >= max_len:  # truncation would leave nothing to learn
         return None
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len], "truncated": True}
+
+
+def _first_label(batch: BatchEncoding, index: int, start: int, end: int, example: dict[str, Any]) -> int:
+    """The first token that holds a character of the labelled span [start, end) of text `index`.
+
+    The fast tokenizer's character-to-token alignment (its offsets) finds it,
+    without building every token's offsets as Python tuples."""
+    for char in range(start, end):  # the first character, unless the tokenizer maps it to no token
+        token = batch.char_to_token(index, char)
+        if token is not None:
+            return token
+    raise ValueError(f"example {example.get('source_id')!r}: no token holds the assistant turn")
+
+
+def _encode_batch(tokenizer: PreTrainedTokenizerFast, examples: list[dict[str, Any]], max_len: int,
+                  overlong: str) -> list[dict | None]:
+    """Each conversation tokenized whole, in one batch call: the ids inference sees (tokenized apart, a
+    SentencePiece answer would start with a "▁" token it never has after the prompt). The labels start at
+    the token holding the assistant span's first character (a token straddling the span is learnt)."""
+    texts = _chat_texts(tokenizer, examples)
+    batch = tokenizer([text for text, _ in texts], add_special_tokens=False)
+    return [_assemble(ids, _first_label(batch, i, start, len(text), example), max_len, overlong)
+            for i, ((text, start), ids, example) in enumerate(zip(texts, batch["input_ids"], examples))]
 
 
 def encode(tokenizer: PreTrainedTokenizerFast, example: dict[str, Any], max_len: int,
            overlong: str) -> dict[str, Any] | None:
     """{"input_ids", "labels", "truncated"} of one example, or None when it is dropped as overlong."""
-    prompt = tokenizer(_prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
-    response = tokenizer(example["assistant"] + IM_END, add_special_tokens=False)["input_ids"]
-    return _assemble(prompt, response, max_len, overlong)
+    return _encode_batch(tokenizer, [example], max_len, overlong)[0]
 
 
 def _encode_all(tokenizer: PreTrainedTokenizerFast, examples: list[dict[str, Any]], max_len: int,
                 overlong: str) -> list[dict | None]:
     """`encode` of every example, tokenizing in batches (the fast tokenizer then runs in parallel)."""
-    encoded: list[dict | None] = []
-    for start in range(0, len(examples), ENCODE_BATCH):
-        batch = examples[start:start + ENCODE_BATCH]
-        prompts = tokenizer([_prompt_text(tokenizer, e) for e in batch], add_special_tokens=False)["input_ids"]
-        responses = tokenizer([e["assistant"] + IM_END for e in batch],
-                              add_special_tokens=False)["input_ids"]
-        encoded += [_assemble(p, r, max_len, overlong) for p, r in zip(prompts, responses)]
-    return encoded
+    return [encoded for start in range(0, len(examples), ENCODE_BATCH)
+            for encoded in _encode_batch(tokenizer, examples[start:start + ENCODE_BATCH], max_len, overlong)]
 
 
 def pack(lengths: list[int], max_len: int) -> list[list[int]]:

@@ -1,20 +1,22 @@
-"""Stage examples, masked ChatML encoding, best-fit-decreasing packing and the packed table."""
+"""Stage examples, masked ChatML encoding (one tokenization per chat), best-fit-decreasing packing, the packed table."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections import Counter
 
 import pyarrow as pa
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from orca_core.data import IGNORE, build_dataset, encode, pack, padded_efficiency, stage_examples
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import to_table
-from orca_core.tokenizer import IM_END, tokenizer_corpus, train_bpe
+from orca_core.tokenizer import CHATML_TEMPLATE, IM_END, make_chatml_ready, tokenizer_corpus, train_bpe
 from orca_core.traces import TRACE_SCHEMA
 
 ORCA1_SYSTEM = "You are an AI assistant. You will be given a task. You must generate a detailed and long answer."
@@ -71,6 +73,32 @@ def tok(sources, orca1, orca2, tmp_path_factory) -> PreTrainedTokenizerFast:
     return train_bpe(tokenizer_corpus(sources, [orca1, orca2]), 800, tmp_path_factory.mktemp("bpe"))
 
 
+LLAMA_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def llama_style_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A Llama-style SentencePiece BPE, built here: "▁" for spaces and before the first word (Metaspace),
+    <0xNN> byte tokens for characters outside the vocabulary (byte fallback), ChatML-ready like the project's."""
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    trained.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LLAMA_SPECIALS,
+                                                           show_progress=False))
+    vocab, merges = trained.get_vocab(with_added_tokens=False), json.loads(trained.to_str())["model"]["merges"]
+    pieces = sorted((p for p in vocab if p not in LLAMA_SPECIALS), key=vocab.get)
+    ids = {p: i for i, p in enumerate(LLAMA_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + pieces)}  # Llama's order
+    spm = Tokenizer(models.BPE(ids, [tuple(m) for m in merges], unk_token="<unk>", byte_fallback=True))
+    spm.pre_tokenizer = trained.pre_tokenizer
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    spm.add_special_tokens(LLAMA_SPECIALS)
+    return make_chatml_ready(PreTrainedTokenizerFast(tokenizer_object=spm, unk_token="<unk>", bos_token="<s>"))
+
+
+@pytest.fixture(scope="module")
+def spm(sources, orca1, orca2) -> PreTrainedTokenizerFast:
+    return llama_style_tokenizer(list(tokenizer_corpus(sources, [orca1, orca2])), 800)
+
+
 def kept(table: pa.Table, **equal) -> list[dict]:
     return [r for r in table.to_pylist() if r["verdict"] == "kept" and all(r[k] == v for k, v in equal.items())]
 
@@ -124,7 +152,9 @@ def test_encode_labels_only_the_assistant_turn(tok, orca1, sources):
          {"role": "assistant", "content": example["assistant"]}], tokenize=False)
 
 
-def test_encode_overlong_truncates_or_drops(tok):
+@pytest.mark.parametrize("tokenizer", ["tok", "spm"])
+def test_encode_overlong_truncates_or_drops(tokenizer, request):
+    tok = request.getfixturevalue(tokenizer)
     example = {"system": "", "user": "Count.", "assistant": " ".join(["1"] * 200), "task_name": "t", "source_id": "s"}
     full = encode(tok, example, 4096, "truncate")
     n_prompt = full["labels"].count(IGNORE)
@@ -134,6 +164,60 @@ def test_encode_overlong_truncates_or_drops(tok):
     assert encode(tok, example, n_prompt, "truncate") is None  # none would
     assert encode(tok, example, 100, "drop") is None
     assert encode(tok, example, len(full["input_ids"]), "drop") == full
+
+
+def messages_of(example: dict) -> list[dict]:
+    return [{"role": "system", "content": example["system"]}, {"role": "user", "content": example["user"]},
+            {"role": "assistant", "content": example["assistant"]}]
+
+
+def chats(sources, orca1, orca2) -> list[dict]:
+    """FLAN (no system), Orca 1 and Orca 2 chats, and answers that start with a space or a newline, hold
+    characters outside the vocabulary (byte fallback), or are empty."""
+    picked = [stage_examples(stage, sources, orca1, orca2, 0.0, 0)[k] for stage in ("flan", "orca1", "orca2")
+              for k in (0, 7)]
+    odd = [" The answer is 42.", "\nStep 1: add.\n\nThe answer is 7.", "Ünïcode ✓ 世界 🙂 is 3.", ""]
+    return picked + [{**picked[1], "assistant": answer, "source_id": f"odd{k}"} for k, answer in enumerate(odd)]
+
+
+def test_training_tokens_are_what_inference_sees_with_a_sentencepiece_tokenizer(spm, sources, orca1, orca2):
+    examples = chats(sources, orca1, orca2)
+    split_apart = straddling = 0
+    for example in examples:
+        encoded = encode(spm, example, 4096, "drop")
+        full = spm.apply_chat_template(messages_of(example), tokenize=True)["input_ids"]
+        prompt = spm.apply_chat_template(messages_of(example)[:2], add_generation_prompt=True,
+                                         tokenize=True)["input_ids"]
+        assert encoded["input_ids"] == full
+        # The labels are the tokens that hold the answer and its <|im_end|>: those after the generation prompt,
+        # and the prompt's last token when it merged with the answer's first characters (e.g. "\n-").
+        straddles = full[:len(prompt)] != prompt
+        straddling += straddles
+        n_prompt = len(prompt) - straddles
+        assert full[:n_prompt] == prompt[:n_prompt] and full[-1] == spm.eos_token_id
+        assert encoded["labels"] == [IGNORE] * n_prompt + full[n_prompt:]
+        rendered = spm.apply_chat_template(messages_of(example), tokenize=False)
+        assert spm.decode(full) == rendered  # (decoding the labels alone would drop a leading space, as Llama's does)
+        assert rendered[len(spm.decode(full[:n_prompt])):] == "\n" * straddles + example["assistant"] + IM_END
+        apart = spm(example["assistant"] + IM_END, add_special_tokens=False)["input_ids"]
+        split_apart += prompt + apart != full
+    # This tokenizer shows the bug: tokenized apart, an answer gets a "▁" it never has after the prompt (all
+    # but the answer that starts with a space and the empty one).
+    assert split_apart == len(examples) - 2
+    assert straddling == 3  # the FLAN answers "-5" and "-3" ("\n-" is a token), and the one that starts with "\n"
+    table, stats = build_dataset(examples, spm, 1024, "drop", seed=0)
+    packed = [ids for row in table.to_pylist() for ids, _ in examples_of_row(row)]
+    assert stats["kept"] == len(examples)
+    assert Counter(map(tuple, packed)) == Counter(
+        tuple(spm.apply_chat_template(messages_of(e), tokenize=True)["input_ids"]) for e in examples)
+
+
+def test_a_template_that_alters_the_answer_is_refused(tok):
+    upper = copy.deepcopy(tok)
+    upper.chat_template = CHATML_TEMPLATE.replace("message['content']", "message['content'] | upper")
+    example = {"system": "", "user": "Say hi.", "assistant": "hi", "task_name": "t", "source_id": "row-9"}
+    with pytest.raises(ValueError, match="'row-9'.*does not render the assistant turn verbatim"):
+        encode(upper, example, 64, "drop")
 
 
 def realistic_lengths(n: int, seed: int = 0) -> list[int]:
