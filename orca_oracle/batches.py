@@ -110,27 +110,30 @@ async def upload_file(request: web.Request) -> web.Response:
     return web.json_response(store.add_file(file_id, filename, purpose))
 
 
-def _file_or_404(request: web.Request) -> dict[str, Any] | web.Response:
+def _found_or_404(request: web.Request, kind: str) -> dict[str, Any] | web.Response:
+    """The `kind` ("file" or "batch") the path names, or the error response (401, 404) to send instead."""
     if not request.app[ORACLE].authorized(request):
         return unauthorized()
-    found = request.app[BATCHES].files.get(request.match_info["file_id"])
-    return found if found is not None else _not_found("file", request.match_info["file_id"])
+    item_id = request.match_info[f"{kind}_id"]
+    table = request.app[BATCHES].files if kind == "file" else request.app[BATCHES].batches
+    found = table.get(item_id)
+    return found if found is not None else _not_found(kind, item_id)
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
-    found = _file_or_404(request)
+    found = _found_or_404(request, "file")
     return found if isinstance(found, web.Response) else web.json_response(found)
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:
-    found = _file_or_404(request)
+    found = _found_or_404(request, "file")
     if isinstance(found, web.Response):
         return found
     return web.FileResponse(request.app[BATCHES].path(found["id"]), headers={"Content-Type": "application/jsonl"})
 
 
 async def delete_file(request: web.Request) -> web.StreamResponse:
-    found = _file_or_404(request)
+    found = _found_or_404(request, "file")
     if isinstance(found, web.Response):
         return found
     store = request.app[BATCHES]
@@ -171,20 +174,13 @@ async def create_batch(request: web.Request) -> web.Response:
     return web.json_response(batch)
 
 
-def _batch_or_404(request: web.Request) -> dict[str, Any] | web.Response:
-    if not request.app[ORACLE].authorized(request):
-        return unauthorized()
-    found = request.app[BATCHES].batches.get(request.match_info["batch_id"])
-    return found if found is not None else _not_found("batch", request.match_info["batch_id"])
-
-
 async def get_batch(request: web.Request) -> web.Response:
-    found = _batch_or_404(request)
+    found = _found_or_404(request, "batch")
     return found if isinstance(found, web.Response) else web.json_response(found)
 
 
 async def cancel_batch(request: web.Request) -> web.Response:
-    found = _batch_or_404(request)
+    found = _found_or_404(request, "batch")
     if isinstance(found, web.Response):
         return found
     if found["status"] in ("validating", "in_progress", "finalizing"):

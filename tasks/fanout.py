@@ -31,8 +31,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from orca_core.recipe.models import Recipe, TeacherEndpoint
-from orca_core.teacher.dispatch import WorkerLost, dispatch, run_coroutine, window
-from orca_core.teacher.fanout import FanoutPlan, FanoutReport, Recheck, fan_out
+from orca_core.teacher.dispatch import LoopExecutor, Recheck, WorkerLost, dispatch, window
+from orca_core.teacher.fanout import FanoutPlan, FanoutReport, fan_out
 from orca_core.teacher.jobs import Progress
 from orca_core.teacher.gate import Gate, gate_limits
 from orca_core.teacher.limiter import LeasedLimiter, gate_caller, price_per_token
@@ -101,7 +101,7 @@ class ActorWorker:
         return await self._call(self.actor.close.remote())
 
 
-class RayExecutor:
+class RayExecutor(LoopExecutor):
     def __init__(self, recipe: Recipe, endpoints: dict[str, TeacherEndpoint], base_urls: dict[str, str],
                  cache_folder: str, report_every_s: float = 2.0):
         self.recipe, self.endpoints, self.base_urls, self.cache_folder = recipe, endpoints, base_urls, cache_folder
@@ -109,10 +109,6 @@ class RayExecutor:
         self.window = window(recipe.ray.actor_concurrency, recipe.ray.flush_rows)  # jobs per actor not yet durable
         self.nodes: dict[str, str] = {}  # actor name -> the node it runs on (every actor started in the run)
         self.gate_stats: dict[str, Any] = {}
-
-    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
-            recheck: Recheck | None = None) -> dict[str, Any]:
-        return run_coroutine(self._run(batches, on_progress, recheck))
 
     async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
                    recheck: Recheck | None) -> dict[str, Any]:

@@ -190,3 +190,22 @@ def run_coroutine(coroutine: Awaitable[T]) -> T:
         return asyncio.run(coroutine)
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(asyncio.run, coroutine).result()
+
+
+Recheck = Callable[[list[Progress]], list[Progress]]  # jobs of a lost worker -> those still pending
+
+
+class LoopExecutor:
+    """What the in-process and the Ray executor share: a synchronous `run` around their async `_run`, which
+    sets up workers (and the gate) and runs `dispatch` with them."""
+
+    window: int  # jobs per worker not yet durable (`window`)
+    gate_stats: dict[str, Any]  # the gate's counters after the run
+
+    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+            recheck: Recheck | None = None) -> dict[str, Any]:
+        return run_coroutine(self._run(batches, on_progress, recheck))
+
+    async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
+                   recheck: Recheck | None) -> dict[str, Any]:
+        raise NotImplementedError

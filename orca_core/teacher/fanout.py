@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from orca_core.recipe.models import TeacherEndpoint
-from orca_core.teacher.dispatch import dispatch, merge_stats, run_coroutine, window  # noqa: F401 (merge_stats: re-exported)
+from orca_core.teacher.dispatch import LoopExecutor, Recheck, dispatch, merge_stats, window  # noqa: F401 (merge_stats: re-exported)
 from orca_core.teacher.jobs import Progress, RecentIds, TraceJob, call_id, resolve, trace_row
 from orca_core.teacher.gate import Gate, gate_limits
 from orca_core.teacher.limiter import LeasedLimiter, gate_caller, price_per_token
@@ -75,9 +75,6 @@ class FanoutReport:
     @property
     def budget_exhausted(self) -> bool:
         return bool(self.worker.get("budget_exhausted"))
-
-
-Recheck = Callable[[list[Progress]], list[Progress]]  # jobs of a lost worker -> those still pending
 
 
 class Executor(Protocol):
@@ -225,7 +222,7 @@ def assemble(plan: FanoutPlan, cache: RequestCache, table: TraceTable) -> None:
                                "(answers already collected are kept in the request cache)")
 
 
-class LocalExecutor:
+class LocalExecutor(LoopExecutor):
     """In-process asyncio workers (tests, a run without Ray, the baseline of the benches).
 
     The same workers, gate and loop as the Ray executor (`dispatch.window`: jobs per worker not yet durable).
@@ -239,10 +236,6 @@ class LocalExecutor:
         self.flush_rows, self.flush_seconds, self.report_every_s = flush_rows, flush_seconds, report_every_s
         self.window = window(concurrency, flush_rows)
         self.gate_stats: dict[str, Any] = {}
-
-    def run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
-            recheck: Recheck | None = None) -> dict[str, Any]:
-        return run_coroutine(self._run(batches, on_progress, recheck))
 
     async def _run(self, batches: Iterator[list[Progress]], on_progress: Callable[[dict[str, Any]], None],
                    recheck: Recheck | None) -> dict[str, Any]:
