@@ -18,7 +18,9 @@ one manifest wins, the loser deletes only its own attempt. A server that
 ignores the condition overwrites instead, so every commit is read back to
 learn whose manifest stands (last writer wins; the other backs off). An
 attempt without a manifest (an upload in progress, or a killed writer) is not
-an artifact and is left alone.
+an artifact; a publish of the key removes attempts whose newest object is
+older than `ABANDONED_ATTEMPT_S` (a killed writer's: an upload in progress is
+never that old).
 
 A cache hit needs the manifest to verify against the files; a corrupt
 artifact is moved aside (local) or uncommitted (remote: the manifest goes to
@@ -62,6 +64,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 KEY_FILE = "key.json"
 ATTEMPTS = ".attempts"
+ABANDONED_ATTEMPT_S = 24 * 3600.0  # an attempt whose newest object is this old is a killed writer's
 MANIFEST_SCHEMA = 1
 
 
@@ -370,6 +373,11 @@ class ArtifactStore:
         raise RuntimeError(f"could not publish {step}/{key}: the folder keeps reappearing corrupt")
 
     def _publish_remote(self, step: str, key: str, staged: Path, manifest: dict[str, Any]) -> ArtifactRef:
+        ref = self._upload_and_commit(step, key, staged, manifest)
+        self._sweep_attempts(step, key, keep=self.manifest(ref).get("files_at", ""))
+        return ref
+
+    def _upload_and_commit(self, step: str, key: str, staged: Path, manifest: dict[str, Any]) -> ArtifactRef:
         if (existing := self.lookup(step, key)) is not None:
             return existing
         attempt = self._path(step, key, manifest["files_at"])
@@ -385,6 +393,25 @@ class ArtifactStore:
                 log.info("%s/%s was published by another writer first; using theirs", step, key[:12])
                 return winner
         raise RuntimeError(f"could not publish {step}/{key}: its manifest keeps reappearing corrupt")
+
+    def _sweep_attempts(self, step: str, key: str, keep: str) -> None:
+        """Remove the key's attempts (but `keep`, the standing one) whose newest object is older than
+        ABANDONED_ATTEMPT_S: killed writers' uploads. One being uploaded now is younger, and stays."""
+        folder = self._path(step, key, ATTEMPTS)
+        self.fs.invalidate_cache(folder)
+        try:
+            attempts = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for attempt in attempts:
+            if attempt.rstrip("/").endswith(keep.rsplit("/", 1)[-1]):
+                continue
+            objects = self.fs.find(attempt, detail=True).values()
+            times = [_modified(info) for info in objects]
+            if times and now - max(times) > ABANDONED_ATTEMPT_S:
+                self.fs.rm(attempt, recursive=True)
+                log.info("removed abandoned upload %s", attempt)
 
     def _commit(self, path: str, body: bytes, files_at: str) -> bool:
         """Write the manifest unless one exists; True when the standing manifest is ours."""
@@ -407,6 +434,12 @@ def _precondition_failed(err: OSError) -> bool:
     response = getattr(err.__cause__, "response", None) or {}
     return response.get("Error", {}).get("Code") in ("PreconditionFailed", "412") or \
         response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+
+
+def _modified(info: dict[str, Any]) -> float:
+    """An object's modification time (epoch seconds) from an fsspec info dict (S3: LastModified)."""
+    value = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    return value.timestamp() if isinstance(value, datetime) else float(value or 0.0)
 
 
 def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:

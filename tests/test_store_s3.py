@@ -18,6 +18,7 @@ import pytest
 
 from orca_core.keys import key_components, step_key
 from orca_core.recipe import load_recipe
+from orca_core import store as store_module
 from orca_core.store import ArtifactStore, CorruptArtifact
 
 COMPS = key_components("demo", 1, {"payload": "hello"})
@@ -138,6 +139,19 @@ def test_concurrent_writers_one_manifest_wins_and_no_upload_is_deleted(s3_root, 
     assert store.lookup("demo", KEY).url == winner and store.check("demo", KEY) == "ok"
     assert winner.rsplit("/", 1)[-1] in _attempts(store)
     assert len(store.fs.ls(store.url(".superseded"), detail=False)) == 1  # the first artifact's manifest, kept
+
+
+def test_a_publish_removes_abandoned_uploads_and_keeps_young_ones(s3_root, monkeypatch):
+    store = ArtifactStore(s3_root)
+    killed = store.url("demo", KEY, ".attempts", "killed0writer", "data.txt")
+    store.fs.pipe_file(killed, b"half an upload")
+    ref = _publish(store)  # a day has not passed: it may be an upload in progress
+    standing = ref.url.rsplit("/", 1)[-1]
+    assert _attempts(store) == sorted(["killed0writer", standing])
+    monkeypatch.setattr(store_module, "ABANDONED_ATTEMPT_S", 0.0)  # now it is old enough
+    time.sleep(1.1)  # (object times have 1 s resolution)
+    assert _publish(store) == ref  # the key is published: nothing uploaded, the leftover swept
+    assert _attempts(store) == [standing] and store.check("demo", KEY) == "ok"
 
 
 @pytest.mark.parametrize("damage", ["same-size", "truncated", "missing"])
