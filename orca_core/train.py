@@ -1,7 +1,9 @@
 """One curriculum stage: fine-tune the student on packed teacher traces with DeepSpeed, then export it.
 
-Orca learns only from the teacher's tokens: the loss is the mean cross-entropy
-over label tokens (prompt and padding are -100). Rows pack several examples;
+Orca learns only from the teacher's tokens: an optimizer step's loss is the mean
+cross-entropy over every label token of the step, across its micro-batches and
+ranks (prompt and padding are -100), so it does not depend on how the step's rows
+are split (see loss_scale). Rows pack several examples;
 position ids restart at each one and no attention mask is passed, so
 transformers builds a block-diagonal causal mask and examples never see each
 other. The first token of each segment is never a target either.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +44,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,16 +196,33 @@ def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, pa.Table]:
     return engine, table
 
 
-def _micro_step(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
-    """Forward, backward and (at the accumulation boundary) optimizer step; (loss, label tokens)."""
+def label_count(batch: dict[str, torch.Tensor]) -> int:
+    """The label tokens of a collated micro-batch: the targets left after the shift."""
+    return int((shifted_targets(batch["labels"], batch["position_ids"]) != IGNORE).sum())
+
+
+def loss_scale(engine: deepspeed.DeepSpeedEngine, step_label_tokens: int) -> float:
+    """The factor on a micro-batch's summed token loss that makes the step's gradient d(global token mean)/dθ.
+
+    The step's loss is the sum over every label token of its micro-batches on
+    every rank divided by N, the step's label tokens over all ranks. DeepSpeed
+    divides each backward by gradient_accumulation_steps (engine.backward's
+    scale_wrt_gas) and averages gradients over the data-parallel ranks; the
+    factor gas * dp / N undoes both, so the result no longer depends on how the
+    step's rows are split into micro-batches and ranks.
+    """
+    return engine.gradient_accumulation_steps() * engine.dp_world_size / max(1, step_label_tokens)
+
+
+def _micro_step(engine: deepspeed.DeepSpeedEngine, batch: dict[str, torch.Tensor], scale: float) -> float:
+    """Forward, backward of the summed token loss times `scale` (see loss_scale), and (at the accumulation
+    boundary) the optimizer step; returns the micro-batch's summed token loss."""
     batch = {name: tensor.to(engine.device) for name, tensor in batch.items()}
     logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    targets = shifted_targets(batch["labels"], batch["position_ids"])
-    n_labels = int((targets != IGNORE).sum())
-    loss = token_losses(logits, targets).sum() / max(1, n_labels)
-    engine.backward(loss)
+    loss_sum = token_losses(logits, shifted_targets(batch["labels"], batch["position_ids"])).sum()
+    engine.backward(loss_sum * scale)
     engine.step()
-    return loss.item(), n_labels
+    return loss_sum.item()
 
 
 def _checkpoint(engine, job: TrainJob, step: int, epoch: int, position: int, metrics: list[Metrics]) -> Path:
@@ -207,8 +232,42 @@ def _checkpoint(engine, job: TrainJob, step: int, epoch: int, position: int, met
     return Path(job.checkpoint_dir) / tag
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object outside the tensors, containers and DeepSpeed classes allowed."""
+
+
+# What DeepSpeed's optimizer states pickle besides tensors and containers (ZeRO 1-3, bf16): loaded by name, never run.
+DEEPSPEED_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def safe_load(path: str | Path, **kwargs: Any) -> Any:
+    """torch.load with weights_only=True: tensors, containers and DEEPSPEED_GLOBALS, nothing else unpickled."""
+    try:
+        with torch.serialization.safe_globals(DEEPSPEED_GLOBALS):
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = found.group(1) if found else str(error).strip().splitlines()[-1]
+        raise UnsafeCheckpointError(f"{path}: refusing to unpickle {what}: a checkpoint may hold only tensors, "
+                                    "containers and DeepSpeed's training states (weights_only=True)") from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's file checkpoint engine, loading with safe_load (its own load unpickles anything)."""
+
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location=map_location)
+
+
 def _resume(engine, resume_from: Path) -> dict[str, Any]:
-    """Load a checkpoint folder (step<n>) or a checkpoint dir (its `latest`); return the client state."""
+    """Load a checkpoint folder (step<n>) or a checkpoint dir (its `latest`); return the client state.
+
+    The checkpoint may come from a shared store: its files are read with safe_load.
+    """
+    current = type(engine.checkpoint_engine)
+    if current is not TorchCheckpointEngine:  # another engine (fast, decoupled) has its own load: not ours to make safe
+        raise ValueError(f"resume supports DeepSpeed's default checkpoint engine, not {current.__name__}")
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
     path = Path(resume_from)
     load_dir, tag = (path, None) if (path / "latest").exists() else (path.parent, path.name)
     loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
@@ -243,23 +302,25 @@ def fit(
             if step == last_step:
                 break
             started, lr = time.perf_counter(), engine.get_lr()[0]
-            totals = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, tokens, label tokens
-            for indices in micro[position:position + job.grad_accum]:
-                rows = table.take(indices).to_pylist()
-                loss, n_labels = _micro_step(engine, collate(rows, job.max_len, pad_id))
-                n_tokens = sum(len(row["input_ids"]) for row in rows)
-                totals += torch.tensor([loss, n_tokens, n_labels], dtype=torch.float64, device=engine.device)
-            dist.all_reduce(totals)
+            rows = [table.take(indices).to_pylist() for indices in micro[position:position + job.grad_accum]]
+            batches = [collate(chunk, job.max_len, pad_id) for chunk in rows]
+            n_tokens = sum(len(row["input_ids"]) for chunk in rows for row in chunk)
+            counts = torch.tensor([n_tokens, sum(map(label_count, batches))], dtype=torch.float64, device=engine.device)
+            dist.all_reduce(counts)  # the step's tokens and label tokens over all ranks, known before any backward
+            n_labels = int(counts[1])
+            loss_sum = sum(_micro_step(engine, batch, loss_scale(engine, n_labels)) for batch in batches)
+            loss = torch.tensor(loss_sum / max(1, n_labels), dtype=torch.float64, device=engine.device)
+            dist.all_reduce(loss)  # each rank's share of the step's token mean: their sum is the mean
             step, seconds = step + 1, time.perf_counter() - started
             elapsed += seconds
             metrics.append({
-                "step": step, "epoch": epoch, "loss": totals[0].item() / (job.grad_accum * world_size), "lr": lr,
-                "tokens": int(totals[1]), "label_tokens": int(totals[2]), "tokens_per_s": totals[1].item() / seconds,
+                "step": step, "epoch": epoch, "loss": loss.item(), "lr": lr,
+                "tokens": int(counts[0]), "label_tokens": n_labels, "tokens_per_s": counts[0].item() / seconds,
                 "seconds": seconds, "elapsed": elapsed,
             })
             if on_step and rank == 0:
                 on_step(metrics[-1])
-            if step % job.checkpoint_every == 0:
+            if step % job.checkpoint_every == 0 or step == last_step:  # the last: an export that fails resumes here
                 path = _checkpoint(engine, job, step, epoch, position + job.grad_accum, metrics)
                 if on_checkpoint:  # on every rank: Ray Train wants a report from each worker
                     on_checkpoint(path, metrics[-1])
@@ -319,11 +380,11 @@ def validate_checkpoint(path: Path) -> bool:
     if (path / "latest").exists():
         path = path / (path / "latest").read_text().strip()
     try:
-        states = {f.name: torch.load(f, map_location="cpu", weights_only=False, mmap=True) for f in path.glob("*.pt")}
+        states = {f.name: safe_load(f, map_location="cpu", mmap=True) for f in path.glob("*.pt")}
         models = [state for name, state in states.items() if name.endswith("model_states.pt")]
         ranks = models[0]["dp_world_size"] * models[0]["mp_world_size"]
         stage = models[0]["ds_config"].get("zero_optimization", {}).get("stage", 0)
-    except Exception:  # unreadable, or no model states
+    except Exception:  # unreadable, unsafe, or no model states
         return False
     shards = sum(name.endswith("optim_states.pt") for name in states)
     return (all("step" in state for state in models) and (stage == 0 or shards == ranks)

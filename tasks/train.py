@@ -4,6 +4,11 @@ Each worker runs `orca_core.train.fit` in the gloo (CPU) or NCCL (GPU) process
 group Ray Train sets up; DeepSpeed wraps it. Checkpoints go to the step's work
 folder (it outlives a Prefect retry) and are reported to Ray, so a killed
 worker restarts from the last one (FailureConfig) with its data position.
+
+That folder is Ray's run folder (storage_path/name), so a checkpoint is reported
+where it lies (CheckpointUploadMode.NO_UPLOAD: no copy per checkpoint), Ray
+deletes all but the newest KEEP_CHECKPOINTS, and a restarted worker resumes
+from the folder itself, not from a local copy of it.
 """
 
 from __future__ import annotations
@@ -22,19 +27,24 @@ from orca_core.recipe.models import Recipe
 from orca_core.train import total_steps
 from tasks.ray_runtime import ensure_ray
 
+KEEP_CHECKPOINTS = 2  # the newest, and the one before should the newest not validate
+
 
 def _train_loop(config: dict[str, Any]) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 2 threads on 2 cores made steps 10x slower and erratic
+    import pyarrow.fs
     import ray.train
     import torch
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     from orca_core.train import fit
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     resume = config["resume"]
     restored = ray.train.get_checkpoint()  # set when Ray restarted a failed worker group
-    if restored is not None:
+    if restored is not None and isinstance(restored.filesystem, pyarrow.fs.LocalFileSystem):
+        resume = Path(restored.path)  # the work folder (local or a shared mount): read in place
+    elif restored is not None:
         resume = Path(restored.to_directory(tempfile.mkdtemp(prefix="orca-resume-")))
 
     progress = Path(config["progress_file"])
@@ -46,7 +56,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     def report(folder: Path, metrics: dict[str, Any]) -> None:
         # Every worker reports (Ray expects it); rank 0 attaches the checkpoint folder all ranks wrote into.
         rank0 = ray.train.get_context().get_world_rank() == 0
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if rank0 else None)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if rank0 else None,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)  # it is in Ray's run folder already
 
     fit(config["job"], on_checkpoint=report, resume_from=resume, on_step=on_step)
 
@@ -58,12 +69,13 @@ class RayTrainer:
         self.recipe, self.sink, self.every_s = recipe, sink, every_s  # sink(done, total, line): log lines + a bar
 
     def __call__(self, job, resume: Path | None) -> dict[str, Any]:
-        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         ensure_ray(self.recipe)
         t = self.recipe.train
-        progress = Path(job.checkpoint_dir).parent / "progress.jsonl"
+        checkpoints = Path(job.checkpoint_dir)
+        progress = checkpoints.parent / "progress.jsonl"
         progress.parent.mkdir(parents=True, exist_ok=True)
         progress.unlink(missing_ok=True)
         trainer = TorchTrainer(
@@ -72,8 +84,10 @@ class RayTrainer:
             scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
                                          resources_per_worker={"CPU": t.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-            run_config=RunConfig(storage_path=str(Path(job.checkpoint_dir).parent / "ray"), name="train",
-                                 failure_config=FailureConfig(max_failures=2)),
+            # Ray's run folder is the checkpoint folder itself: see the module docstring
+            run_config=RunConfig(storage_path=str(checkpoints.parent), name=checkpoints.name,
+                                 failure_config=FailureConfig(max_failures=2),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)),
         )
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(trainer.fit)

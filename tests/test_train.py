@@ -1,4 +1,5 @@
-"""Training: golden losses, packing isolation, kill -9 and exact resume, export, ZeRO-3 export, checkpoint checks.
+"""Training: golden losses, token-weighted loss at 1 and 2 ranks, packing isolation, kill -9 and exact resume,
+export, ZeRO-3 export, checkpoint checks (final step, damaged, unsafe pickles).
 
 Everything runs on a tiny random-init Llama (hidden 32, 2 layers, vocab 300) and a
 synthetic packed dataset (the response is a function of the prompt, so the loss falls).
@@ -34,8 +35,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 MAX_LEN, VOCAB = 64, 300
 ARCH = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
         "max_position_embeddings": MAX_LEN}
-# The first five losses of `golden_job` (fp32, ZeRO-2, one process) on this machine's torch 2.13 CPU.
-GOLDEN = [5.7289299964904785, 5.679078102111816, 5.641341209411621, 5.545971393585205, 5.421375274658203]
+# The first five losses of `golden_job` (fp32, ZeRO-2, one process) on this machine's torch 2.13 CPU:
+# each step's token mean over its label tokens (was the mean of per-micro-batch means: 5.72893, 5.67908, ...).
+GOLDEN = [5.726810455322266, 5.683976144501657, 5.63841438293457, 5.541543737634436, 5.4173233174832065]
 PACKED_SCHEMA = pa.schema([
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("position_ids", pa.list_(pa.int32())),
     ("n_examples", pa.int32()), ("n_tokens", pa.int32()), ("n_label_tokens", pa.int32()),
@@ -51,6 +53,14 @@ def on_checkpoint(path, metrics):
     print("CKPT", path, flush=True)
 result = fit(job, on_checkpoint=on_checkpoint, resume_from=sys.argv[2] or None, on_step=on_step)
 print("LOSSES", json.dumps([m["loss"] for m in result["metrics"]]), flush=True)
+"""
+# Rank r of a torchrun world: fit, then rank 0 writes the step losses to argv[2] (torchrun --standalone: no fixed port).
+RANK_CHILD = """
+import json, os, sys
+from orca_core.train import TrainJob, fit
+result = fit(TrainJob(**json.loads(sys.argv[1])))
+if os.environ["RANK"] == "0":
+    open(sys.argv[2], "w").write(json.dumps([m["loss"] for m in result["metrics"]]))
 """
 
 
@@ -100,7 +110,8 @@ def base(tmp_path_factory) -> dict[str, Path]:
     cfg = ModelConfig(kind="random_init", architecture=ARCH, tokenizer=TokenizerConfig(kind="train_bpe"))
     build_base_model(cfg, root / "tokenizer", root / "base", seed=0)
     make_packed(root / "packed.parquet", n_rows=32, eos=tokenizer.eos_token_id)
-    return {"root": root, "base": root / "base", "data": root / "packed.parquet"}
+    make_packed(root / "uneven.parquet", n_rows=32, eos=tokenizer.eos_token_id, seed=1)
+    return {"root": root, "base": root / "base", "data": root / "packed.parquet", "uneven": root / "uneven.parquet"}
 
 
 def golden_job(base: dict[str, Path], name: str) -> TrainJob:
@@ -161,6 +172,63 @@ def test_a_step_budget_cycles_the_data_and_ends_the_schedule_on_its_last_step(go
     golden = golden_run[1]["metrics"]  # same data order and warmup: the warmup steps match the 2-epoch run
     np.testing.assert_allclose([m["loss"] for m in metrics[:2]], [m["loss"] for m in golden[:2]], rtol=1e-6)
     assert (job.out_dir / "model.safetensors").is_file()
+
+
+def layout_job(base: dict[str, Path], name: str, micro_batch_size: int) -> TrainJob:
+    """4 optimizer steps of 8 rows (32 rows, accumulation 2) on rows of 4 to 34 label tokens."""
+    return replace(golden_job(base, name), dataset=base["uneven"], epochs=1, micro_batch_size=micro_batch_size,
+                   checkpoint_every=100)
+
+
+def run_on_ranks(job: TrainJob, ranks: int, tmp_path: Path) -> list[float]:
+    (tmp_path / "child.py").write_text(RANK_CHILD)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+            str(tmp_path / "child.py"), json.dumps(asdict(job), default=str), str(tmp_path / "losses.json")]
+    done = subprocess.run(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((tmp_path / "losses.json").read_text())
+
+
+def step_rows(job: TrainJob, world_size: int, step: int) -> set[int]:
+    """The rows of optimizer step `step` (from 0) of epoch 0, over all ranks."""
+    steps = slice(step * job.grad_accum, (step + 1) * job.grad_accum)
+    return {int(i) for rank in range(world_size) for batch in train.epoch_batches(32, job, 0, rank, world_size)[steps]
+            for i in batch}
+
+
+def first_step_losses(job: TrainJob, world_size: int) -> tuple[float, float]:
+    """Step 1's loss at the base weights, by hand: (token mean of the step, mean of per-micro-batch means)."""
+    model = AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32)
+    table = pq.read_table(job.dataset)
+    sums, counts = [], []
+    for rank in range(world_size):
+        for indices in train.epoch_batches(len(table), job, 0, rank, world_size)[:job.grad_accum]:
+            batch = collate(table.take(indices).to_pylist(), MAX_LEN, pad_id=0)
+            targets = shifted_targets(batch["labels"], batch["position_ids"])
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            sums.append(token_losses(logits, targets).sum().item())
+            counts.append(int((targets != -100).sum()))
+    return sum(sums) / sum(counts), float(np.mean(np.divide(sums, counts)))
+
+
+def test_the_loss_is_the_token_mean_of_the_step_whatever_the_micro_batches_and_ranks(base, tmp_path):
+    one = layout_job(base, "one-rank", micro_batch_size=4)  # 1 rank x 4 rows x 2 micro-batches
+    two = replace(layout_job(base, "two-ranks", micro_batch_size=2), out_dir=tmp_path / "out",
+                  checkpoint_dir=tmp_path / "ckpt")  # 2 ranks x 2 rows x 2 micro-batches
+    # epoch_batches deals each step's 8 rows of the permutation out to the ranks: both layouts see the same rows
+    for step in range(4):
+        assert step_rows(one, 1, step) == step_rows(two, 2, step) and len(step_rows(one, 1, step)) == 8
+    losses_one = [m["loss"] for m in fit(one)["metrics"]]
+    losses_two = run_on_ranks(two, 2, tmp_path)
+    assert len(losses_one) == len(losses_two) == 4
+    np.testing.assert_allclose(losses_two, losses_one, rtol=0, atol=1e-5)
+    token_mean, _ = first_step_losses(one, 1)
+    assert losses_one[0] == pytest.approx(token_mean, abs=1e-6)
+    # the per-micro-batch mean (the old loss) is another number in both layouts: the rows' label counts differ
+    for job, world in ((one, 1), (two, 2)):
+        assert abs(first_step_losses(job, world)[1] - token_mean) > 1e-4
+    assert losses_one[-1] < losses_one[0]
 
 
 def test_packed_row_loss_is_the_sum_of_its_examples(base):
@@ -296,3 +364,43 @@ def test_base_model_from_a_local_pretrained_folder_takes_the_tokenizer(base, tmp
     assert model.config.pad_token_id == tokenizer.pad_token_id
     old = pretrained.get_input_embeddings().weight
     assert torch.equal(model.get_input_embeddings().weight[: len(old)], old)
+
+
+def test_the_last_step_is_checkpointed_and_resuming_there_only_exports(golden_run, tmp_path):
+    job, result, _ = golden_run  # 16 steps, a checkpoint every 3
+    steps = sorted(int(p.name[4:]) for p in job.checkpoint_dir.glob("step*"))
+    assert steps == [3, 6, 9, 12, 15, 16]
+    assert (job.checkpoint_dir / "latest").read_text().strip() == "step16"
+    assert validate_checkpoint(job.checkpoint_dir / "step16")
+    again = replace(job, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")  # an export that crashed, rerun
+    trained = []
+    resumed = fit(again, resume_from=job.checkpoint_dir / "step16", on_step=trained.append)
+    assert trained == [] and resumed["steps"] == 16 and resumed["metrics"] == result["metrics"]
+    exported = load_file(tmp_path / "out/model.safetensors")
+    original = load_file(Path(job.out_dir) / "model.safetensors")
+    assert set(exported) == set(original) and all(torch.equal(exported[k], original[k]) for k in original)
+
+
+class RunsCode:
+    """Unpickling this opens (creates) `marker`: what a weights_only=False load of a hostile checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_with_a_disallowed_pickled_object_is_refused(golden_run, tmp_path):
+    job = golden_run[0]
+    tampered = shutil.copytree(job.checkpoint_dir / "step3", tmp_path / "step3")
+    states = tampered / "mp_rank_00_model_states.pt"
+    client_state = torch.load(states, weights_only=False)  # our own file, just written by the golden run
+    torch.save({**client_state, "note": RunsCode(tmp_path / "marker")}, states)
+    again = replace(job, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+    refused = r"mp_rank_00_model_states\.pt: refusing to unpickle io\.open"
+    with pytest.raises(train.UnsafeCheckpointError, match=refused):
+        fit(again, resume_from=tampered)
+    assert not validate_checkpoint(tampered)
+    assert not (tmp_path / "marker").exists()
+    assert fit(replace(again, max_steps=4), resume_from=job.checkpoint_dir / "step3")["steps"] == 4  # the clean one
