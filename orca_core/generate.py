@@ -65,6 +65,9 @@ def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Pat
     """Survey the cache, send what it lacks (batch-mode roles through the Batch API), write the traces."""
     if ctx.request_cache is None:
         raise RuntimeError("this step sends teacher requests: it needs a request cache")
+    # Arrow's default pool (mimalloc) keeps the memory of the fan-out's many small shard writes and reads: the
+    # driver's RSS climbed ~270 B a request at 300K prompts; with the system allocator, a third of that.
+    pa.set_memory_pool(pa.system_memory_pool())
     cache = RequestCache(ctx.request_cache)
     table = TraceTable(out_file)
     try:
