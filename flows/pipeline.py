@@ -6,6 +6,9 @@
 
     orca run --recipe tiny [--set sources.seed=1] [--retry-failed]
 
+Steps run along the DAG: each starts once the steps it reads are done, at most
+`prefect.max_concurrent_steps` at a time (`flows/steps.py`).
+
 Parameters are JSON (a recipe name or path plus `--set` overrides), so the
 dashboard can rerun any of them with changed values. The parts run the same
 tasks with the same cache keys as the whole; a part whose upstream is not in

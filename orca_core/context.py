@@ -1,4 +1,5 @@
-"""What a step may need from outside `orca_core`: a fan-out runner, the request cache, a trainer, progress output.
+"""What a step may need from outside `orca_core`: a fan-out runner, the request cache, a trainer, generation
+engines, progress output.
 
 Its own module so that every step builder can take a context without importing
 the others' code: step keys digest the modules a builder reaches (`code_digest`).
@@ -23,6 +24,9 @@ class StepContext:
     fanout: FanoutRunner | None = None
     request_cache: str | Path | None = None  # the request cache folder: a path or an fsspec URL (s3://...)
     trainer: Callable[[Any, Path | None], dict[str, Any]] | None = None  # (TrainJob, resume checkpoint) -> summary
+    # (checkpoint, GenerationSettings, context length) -> a context manager holding the evaluation's engine(s)
+    # (eval/backends.py OpenEngine); None: vLLM in a child process, HF in this one
+    generator: Callable[[Path, Any, int], Any] | None = None
     work_root: Path | None = None  # <store>/.train-work: per-step folders that survive retries
     work_dir: Path | None = None  # this step's folder under work_root (set by run_step)
     sink: Callable[[int, int, str], None] = lambda done, total, line: log.info(line)

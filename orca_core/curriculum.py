@@ -21,17 +21,19 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from orca_core.context import StepContext
-from orca_core.recipe.models import Recipe, StageConfig
+from orca_core.keys import file_sha256, folder_hashes
+from orca_core.recipe.models import ModelConfig, Recipe, StageConfig, TokenizerConfig
 from orca_core.sources import TRAIN_FILE
 from orca_core.traces import TRACES_FILE
 
 log = logging.getLogger(__name__)
 
-DATASET_FILE = "packed.parquet"
+DATASET_FILE = "packed.arrow"  # Arrow IPC, uncompressed: training memory-maps it (orca_core/packed.py)
 TRAIN_WORK = ".train-work"
 TRAINING_STATE = "training_state"
 # Training settings that do not change the weights (where and how fast it runs), left out of the key.
-OPERATIONAL = {"use_gpu", "cpus_per_worker", "checkpoint_every"}
+# gradient_checkpointing recomputes the same activations in the backward: the weights do not change (tested to 1e-6)
+OPERATIONAL = {"use_gpu", "cpus_per_worker", "checkpoint_every", "gradient_checkpointing"}
 
 
 def traces_needed(stage: StageConfig) -> tuple[str, ...]:
@@ -45,13 +47,36 @@ def tokenizer_upstream(recipe: Recipe) -> tuple[str, ...]:
     return ()
 
 
+def _pretrained_source(settings: ModelConfig | TokenizerConfig, cfg: dict[str, Any]) -> dict[str, Any]:
+    """A pretrained source in a key: a local (or package) folder by its files' hashes, a hub name by its commit."""
+    if cfg.get("gguf_file") is None:
+        cfg.pop("gguf_file", None)  # keys of recipes without a GGUF file stay as they were
+    if settings.kind == "pretrained":  # what only a random init or a trained BPE reads (a recipe may inherit it)
+        for unused in ("architecture", "vocab_size"):
+            cfg.pop(unused, None)
+    if (location := settings.location()) is not None and Path(location).is_dir():
+        cfg["path"] = "<local folder>"  # its files' hashes are the input (pretrained_files)
+    elif (commit := settings.hub_commit()) is not None:
+        cfg["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
+    return cfg
+
+
+def pretrained_files(settings: ModelConfig | TokenizerConfig) -> dict[str, str]:
+    """sha256 of what a local pretrained source loads: its GGUF file alone, or every file of its folder."""
+    location = settings.location()
+    if location is None or not Path(location).is_dir():
+        return {}  # random init, a trained tokenizer, or a hub name (keyed by its commit)
+    if settings.gguf_file is None:
+        return folder_hashes(location)
+    gguf = Path(location, settings.gguf_file)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"gguf_file {settings.gguf_file!r}: no such file in {settings.path} ({location})")
+    return {settings.gguf_file: file_sha256(gguf)}
+
+
 def tokenizer_reads(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.model.tokenizer.model_dump(mode="json", exclude={"revision"})
-    if recipe.model.tokenizer.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
-        cfg["path"] = "<local folder>"  # its files' hashes are the input
-    elif (commit := recipe.model.tokenizer.hub_commit()) is not None:
-        cfg["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
-    return {"tokenizer": cfg}
+    return {"tokenizer": _pretrained_source(recipe.model.tokenizer, cfg)}
 
 
 def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
@@ -59,7 +84,7 @@ def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: S
 
     cfg = recipe.model.tokenizer
     if cfg.kind == "pretrained":
-        tok = tokenizer.prepare_pretrained(cfg.path, out, revision=cfg.hub_commit())
+        tok = tokenizer.prepare_pretrained(cfg.location(), out, revision=cfg.hub_commit(), gguf_file=cfg.gguf_file)
     else:
         traces = [pq.read_table(upstream[name] / TRACES_FILE) for name in ("filtered-orca1", "filtered-orca2")]
         corpus = tokenizer.tokenizer_corpus(pq.read_table(upstream["sources"] / TRAIN_FILE), traces)
@@ -70,11 +95,7 @@ def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: S
 # -- base model -------------------------------------------------------------------------
 def base_model_reads(recipe: Recipe) -> dict[str, Any]:
     cfg = recipe.model.model_dump(mode="json", exclude={"tokenizer", "revision"})
-    if recipe.model.kind == "pretrained" and Path(cfg["path"] or "").expanduser().is_dir():
-        cfg["path"] = "<local folder>"
-    elif (commit := recipe.model.hub_commit()) is not None:
-        cfg["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
-    return {"model": cfg, "seed": recipe.seed}
+    return {"model": _pretrained_source(recipe.model, cfg), "seed": recipe.seed}
 
 
 def build_base_model(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
@@ -91,15 +112,15 @@ def build_dataset_for(stage: StageConfig):
 
         from orca_core import data
 
-        traces = {name: pq.read_table(upstream[name] / TRACES_FILE) if name in upstream else None
+        traces = {name: upstream[name] / TRACES_FILE if name in upstream else None
                   for name in ("filtered-orca1", "filtered-orca2")}
-        examples = data.stage_examples(stage.data, pq.read_table(upstream["sources"] / TRAIN_FILE),
-                                       traces["filtered-orca1"], traces["filtered-orca2"],
-                                       stage.orca1_replay_ratio, recipe.seed)
+        examples = data.stage_example_batches(stage.data, upstream["sources"] / TRAIN_FILE,  # read in batches
+                                              traces["filtered-orca1"], traces["filtered-orca2"],
+                                              stage.orca1_replay_ratio, recipe.seed)
         tok = AutoTokenizer.from_pretrained(upstream["tokenizer"], local_files_only=True)
-        table, stats = data.build_dataset(examples, tok, recipe.train.max_len, recipe.train.overlong, recipe.seed)
-        pq.write_table(table, out / DATASET_FILE, compression="zstd")
-        return {"rows": table.num_rows, "examples": stats["kept"]}, stats
+        stats = data.write_dataset(examples, tok, recipe.train.max_len, recipe.train.overlong, recipe.seed,
+                                   out / DATASET_FILE)
+        return {"rows": stats["rows"], "examples": stats["kept"]}, stats
 
     return build
 
@@ -141,13 +162,14 @@ def build_train_for(stage: StageConfig, previous: str):
             warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, micro_batch_size=t.micro_batch_size,
             grad_accum=t.grad_accum, max_len=t.max_len, grad_clip=t.grad_clip, precision=t.precision,
             zero_stage=t.zero_stage, deepspeed_config=deepspeed_config_path(recipe), seed=recipe.seed,
-            checkpoint_every=t.checkpoint_every,
+            checkpoint_every=t.checkpoint_every, gradient_checkpointing=t.gradient_checkpointing,
+            attn_implementation=t.attn_implementation, padding_free=t.padding_free,
             recipe_slice={"recipe": recipe.name, "stage": stage.model_dump(mode="json"), "train": t.model_dump(mode="json"),
                           "model": recipe.model.model_dump(mode="json")},
         )
         summary = ctx.trainer(job, resume)
         final = latest_checkpoint(checkpoints)
-        if final is not None:  # the DeepSpeed state travels with the weights (resume or continue later)
+        if t.keep_training_state and final is not None:  # opt-in: ~12 bytes a parameter, hashed with the weights
             shutil.copytree(final, out / TRAINING_STATE)
         return {"steps": summary.get("steps", 0)}, {**summary, "resumed_from": resume.name if resume else None}
 

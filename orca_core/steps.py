@@ -28,7 +28,7 @@ from orca_core.eval import steps as evaluation
 from orca_core.context import StepContext
 from orca_core.filter_step import build_filtered
 from orca_core.code_digest import code_components, function_entries
-from orca_core.keys import (canonical_json, diff_components, file_sha256, folder_hashes, key_components, sha256_text,
+from orca_core.keys import (canonical_json, diff_components, file_sha256, key_components, sha256_text,
                             step_key)
 from orca_core.provenance import provenance
 from orca_core.recipe.models import Recipe
@@ -138,10 +138,10 @@ FANOUT_STEPS = ("strategies", "traces-orca1", "traces-orca2")  # steps that send
 # -- tokenizer, base model, curriculum (made per recipe: the stages are data) -----------------
 TOKENIZER = Step("tokenizer", version=1, upstream=curriculum.tokenizer_upstream, build=curriculum.build_tokenizer,
                  reads=curriculum.tokenizer_reads,
-                 inputs=lambda r: {"tokenizer_files": folder_hashes(r.model.tokenizer.path)})
+                 inputs=lambda r: {"tokenizer_files": curriculum.pretrained_files(r.model.tokenizer)})
 BASE_MODEL = Step("base-model", version=1, upstream=("tokenizer",), build=curriculum.build_base_model,
                   reads=curriculum.base_model_reads,
-                  inputs=lambda r: {"model_files": folder_hashes(r.model.path)})
+                  inputs=lambda r: {"model_files": curriculum.pretrained_files(r.model)})
 
 
 def curriculum_steps(recipe: Recipe) -> list[Step]:

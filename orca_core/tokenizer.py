@@ -68,12 +68,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTraine
     return tokenizer
 
 
-def prepare_pretrained(path: str, out_dir: Path, revision: str | None = None) -> PreTrainedTokenizerFast:
+def prepare_pretrained(path: str, out_dir: Path, revision: str | None = None,
+                       gguf_file: str | None = None) -> PreTrainedTokenizerFast:
     """A base model's tokenizer (a local folder, or a hub name at commit `revision`) made ChatML-ready, saved.
 
-    New tokens get new ids: the model's embeddings must be resized to len(tokenizer).
+    `gguf_file`: the tokenizer is the one inside that GGUF file of `path`. New tokens
+    get new ids: the model's embeddings must be resized to len(tokenizer).
     """
-    tokenizer = make_chatml_ready(AutoTokenizer.from_pretrained(path, revision=revision))
+    tokenizer = make_chatml_ready(AutoTokenizer.from_pretrained(path, revision=revision, gguf_file=gguf_file))
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 

@@ -24,13 +24,15 @@ consults in `build_shm_op`) keeps plain gloo collectives and skips the build.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import pickle
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import deepspeed
 import matplotlib
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
@@ -49,15 +52,20 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from orca_core import schedule
 from orca_core.model import generation_config
+from orca_core.packed import PACKED_SCHEMA, PackedRows
+from orca_core.recipe.models import FLASH_NEEDS, FLEX_ON_CPU, PADDING_FREE_ATTENTION
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 COLUMNS = ["input_ids", "labels", "position_ids"]
+ROW_SCHEMA = pa.schema([PACKED_SCHEMA.field(name) for name in COLUMNS])
 IGNORE = -100
 Metrics = dict[str, Any]
 
@@ -83,6 +91,9 @@ class TrainJob:
     seed: int = 0
     checkpoint_every: int = 50  # optimizer steps
     max_steps: int | None = None  # a fixed step budget instead of epochs: the data cycles, epoch after epoch
+    gradient_checkpointing: bool = False  # recompute activations in the backward: memory for time, same weights
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2 | flex_attention (check_attention)
+    padding_free: bool = False  # micro-batches flattened into one row without padding (a varlen/block-mask kernel)
     recipe_slice: dict[str, Any] = field(default_factory=dict)
 
 
@@ -135,17 +146,34 @@ def epoch_batches(n_rows: int, job: TrainJob, epoch: int, rank: int, world_size:
     return np.split(mine, n_steps * job.grad_accum)
 
 
-def collate(rows: list[dict[str, list[int]]], max_len: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad packed rows to max_len. Padding is a segment of its own (positions 0, 1, ...) with no labels."""
-    batch = {name: torch.empty(len(rows), max_len, dtype=torch.long) for name in COLUMNS}
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        if n > max_len:
-            raise ValueError(f"packed row of {n} tokens is longer than max_len {max_len}")
-        batch["input_ids"][i] = torch.tensor(row["input_ids"] + [pad_id] * (max_len - n))
-        batch["labels"][i] = torch.tensor(row["labels"] + [IGNORE] * (max_len - n))
-        batch["position_ids"][i] = torch.tensor(row["position_ids"] + list(range(max_len - n)))
-    return batch
+def collate(rows: pa.Table | list[dict[str, list[int]]], max_len: int, pad_id: int,
+            padding_free: bool = False) -> dict[str, torch.Tensor]:
+    """A micro-batch's tensors from its packed rows (an Arrow table, e.g. PackedRows.take; or row dicts), built
+    with numpy from the rows' token arrays.
+
+    Padded (the default): each row padded to max_len; padding is a segment of
+    its own (positions 0, 1, ...) with no labels. Padding-free: the rows
+    concatenated into one row of batch size 1 and no padding at all; each row
+    starts a segment at position 0, which is where varlen (FlashAttention) and
+    block-mask (flex_attention) kernels cut sequences, and where
+    shifted_targets puts no target.
+    """
+    if isinstance(rows, list):  # rows made by hand (tests, benches)
+        rows = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    lengths = pc.list_value_length(rows["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(lengths) and (n := lengths.max()) > max_len:
+        raise ValueError(f"packed row of {n} tokens is longer than max_len {max_len}")
+    values = {name: pc.list_flatten(rows[name]).to_numpy().astype(np.int64) for name in COLUMNS}
+    if padding_free:
+        return {name: torch.from_numpy(value)[None] for name, value in values.items()}
+    row = np.repeat(np.arange(len(lengths)), lengths)
+    column = np.arange(len(row)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    padding = np.arange(max_len) - lengths[:, None]  # where >= 0: a padding position, counted from 0
+    batch = {"input_ids": np.full((len(lengths), max_len), pad_id, np.int64),
+             "labels": np.full((len(lengths), max_len), IGNORE, np.int64), "position_ids": padding}
+    for name, value in values.items():
+        batch[name][row, column] = value
+    return {name: torch.from_numpy(tensor) for name, tensor in batch.items()}
 
 
 def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -165,35 +193,111 @@ def _prepare_distributed() -> None:
     RANK variables left in the environment for child processes to inherit.
     """
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see the module docstring
-    if dist.is_initialized() or "WORLD_SIZE" in os.environ:
+    if dist.is_initialized():
+        return
+    backend = get_accelerator().communication_backend_name()
+    if "WORLD_SIZE" in os.environ:  # a launcher's world, joined before zero.Init partitions the model over it
+        deepspeed.init_distributed(backend)
         return
     os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine requires it
-    backend = get_accelerator().communication_backend_name()
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, pa.Table]:
+def setup(job: TrainJob) -> tuple[deepspeed.DeepSpeedEngine, PackedRows]:
     """The DeepSpeed engine (model, AdamW, schedule) and the packed rows."""
     _prepare_distributed()
-    world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
-    table = pq.read_table(job.dataset, columns=COLUMNS)
+    world_size = dist.get_world_size()
+    table = PackedRows(job.dataset, COLUMNS)  # memory-mapped: this rank reads only the rows it takes
     if len(table) == 0:
         raise ValueError(f"{job.dataset} has no rows")
     steps = total_steps(len(table), job, world_size)
     torch.manual_seed(job.seed)
-    model = AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [  # norms (1-d) are not decayed
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": job.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+    config = deepspeed_config(job, world_size)
+    model = load_model(job, config)
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=groups,
-        config=deepspeed_config(job, world_size),
+        model_parameters=param_groups(model, job.weight_decay),
+        config=config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lambda step: lr_factor(step, job, steps)),
     )
+    _share_fp32_master(engine.optimizer)
     return engine, table
+
+
+def _share_fp32_master(optimizer: Any) -> None:
+    """ZeRO-3 in fp32: make the optimizer's fp32 master partitions the parameters' own partitions.
+
+    DeepSpeed (0.19) skips the master copy when a partition is already fp32 on the optimizer's device, but it
+    compares `tensor.device` with the string 'cpu', which is never equal on torch 2.x: each rank keeps a second
+    fp32 copy of its partition (4 bytes a parameter of it). Pointing the master at the partition's storage is
+    what that check meant: the step updates the weights in place, and its copy back is a copy onto itself.
+    bf16 training needs its fp32 master (a different dtype) and is left alone, as are other stages.
+    """
+    flats = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None or masters is None:
+        return
+    for flat, master in zip(flats, masters):
+        if (flat is not None and master is not flat and flat.dtype == master.dtype
+                and flat.device == master.device and flat.shape == master.shape):
+            master.data = flat.data
+
+
+def check_attention(job: TrainJob) -> None:
+    """Refuse an attention kernel this host cannot train with (the recipe already refuses them without use_gpu)."""
+    cuda, flash_attn = torch.cuda.is_available(), importlib.util.find_spec("flash_attn") is not None
+    if job.attn_implementation == "flash_attention_2" and not (cuda and flash_attn):
+        raise ValueError(f"train.attn_implementation: {FLASH_NEEDS} (here: CUDA {cuda}, flash_attn {flash_attn})")
+    if job.attn_implementation == "flex_attention" and not cuda:
+        raise ValueError(f"train.attn_implementation: {FLEX_ON_CPU}")
+    if job.padding_free and job.attn_implementation not in PADDING_FREE_ATTENTION:
+        raise ValueError(f"train.padding_free: needs train.attn_implementation {' or '.join(PADDING_FREE_ATTENTION)} "
+                         f"(it is {job.attn_implementation})")
+
+
+@contextmanager
+def _sharded_at_load(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Under ZeRO-3, from_pretrained builds the model inside deepspeed.zero.Init: each parameter is partitioned
+    as it is created and each checkpoint tensor is copied into its partitions, so no rank holds the whole model.
+
+    transformers finds the config through a weakref to an HfDeepSpeedConfig (as accelerate and the Trainer do):
+    this reference keeps it alive for the load, and it is unset afterwards so that later from_pretrained calls in
+    the process (an evaluation, a test) load ordinary models.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        yield
+        return
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_ds_config
+
+
+def load_model(job: TrainJob, ds_config: dict[str, Any]) -> PreTrainedModel:
+    """The model to train, in train mode: fp32 weights (DeepSpeed casts for bf16), partitioned at load under ZeRO-3,
+    with the job's attention kernel and gradient checkpointing."""
+    check_attention(job)
+    with _sharded_at_load(ds_config):
+        model = AutoModelForCausalLM.from_pretrained(job.init_dir, dtype=torch.float32,
+                                                     attn_implementation=job.attn_implementation)
+    if job.gradient_checkpointing:  # non-reentrant: the variant DeepSpeed's ZeRO-3 parameter hooks work with
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: matrices decayed, norms and other 1-d parameters not.
+
+    A parameter partitioned by zero.Init holds an empty placeholder; its real shape is ds_shape.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    is_matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    return [
+        {"params": [p for p, matrix in zip(params, is_matrix) if matrix], "weight_decay": weight_decay},
+        {"params": [p for p, matrix in zip(params, is_matrix) if not matrix], "weight_decay": 0.0},
+    ]
 
 
 def label_count(batch: dict[str, torch.Tensor]) -> int:
@@ -302,9 +406,9 @@ def fit(
             if step == last_step:
                 break
             started, lr = time.perf_counter(), engine.get_lr()[0]
-            rows = [table.take(indices).to_pylist() for indices in micro[position:position + job.grad_accum]]
-            batches = [collate(chunk, job.max_len, pad_id) for chunk in rows]
-            n_tokens = sum(len(row["input_ids"]) for chunk in rows for row in chunk)
+            rows = [table.take(indices) for indices in micro[position:position + job.grad_accum]]
+            batches = [collate(chunk, job.max_len, pad_id, job.padding_free) for chunk in rows]
+            n_tokens = sum(int(pc.sum(pc.list_value_length(chunk["input_ids"])).as_py()) for chunk in rows)
             counts = torch.tensor([n_tokens, sum(map(label_count, batches))], dtype=torch.float64, device=engine.device)
             dist.all_reduce(counts)  # the step's tokens and label tokens over all ranks, known before any backward
             n_labels = int(counts[1])

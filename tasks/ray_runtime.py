@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ AUTH_MODE = "RAY_AUTH_MODE"
 # The private runtime has no keys to guard: it offers every pinning resource of `ray.actor_resources`
 # without a practical limit, so a recipe written for a cluster runs here unchanged.
 LOCAL_PINNING_AMOUNT = 1_000_000.0
+_JOINING = threading.Lock()  # steps may run at once in a flow's threads: one of them starts or joins Ray
 
 
 def fanout_actor_options(recipe: Recipe) -> dict[str, Any]:
@@ -40,8 +42,12 @@ def fanout_actor_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def ensure_ray(recipe: Recipe) -> None:
-    if ray.is_initialized():
-        return
+    with _JOINING:
+        if not ray.is_initialized():
+            _join(recipe)
+
+
+def _join(recipe: Recipe) -> None:
     cfg = recipe.ray
     common: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     if cfg.address == "local":

@@ -79,8 +79,10 @@ def prefect_step(step: Step) -> Task:
             from tasks.train import RayTrainer
 
             ctx.trainer, ctx.work_root = RayTrainer(parsed, ctx.sink), store.work_folder(".train-work")
-        if step.name.startswith("eval-"):  # generations in flight survive a retry
-            ctx.work_root = store.work_folder(EVAL_WORK)
+        if step.name.startswith("eval-"):  # generations in flight survive a retry; the engines run on Ray
+            from tasks.eval_ray import RayEngines
+
+            ctx.work_root, ctx.generator = store.work_folder(EVAL_WORK), RayEngines(parsed)
         result = run_step(store, step, parsed, comps, ctx, force=retry_failed)
         how = "found verified in the store" if result.cached else "built and published"
         logger.info("%s/%s %s in %.1f s: rows %s -> %s", step.name, key[:12], how, result.seconds, result.rows, result.ref.url)
@@ -109,9 +111,21 @@ class StepOutcome:
         return self.state == "Cached"
 
 
-def call_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = False) -> StepOutcome:
-    """Run one step inside a flow and report what happened.
+@dataclass(frozen=True)
+class PreparedStep:
+    """A step's task with this run's options and parameters, decided once its upstream steps are done."""
+    step: Step
+    key: str
+    task: Task
+    parameters: dict[str, Any]
+    started: float  # perf_counter: the step's time includes verifying its artifact
 
+
+def prepare_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = False) -> PreparedStep:
+    """Verify the step's artifact and configure its task: retries from the recipe, results in the store.
+
+    Only once the upstream steps are done: an upstream republished under its key makes this artifact stale
+    (`verified` moves it aside), and then the task must refresh Prefect's cache record.
     `retry_failed`: a fan-out step whose artifact kept failure rows is rebuilt, re-sending only those.
     """
     started = time.perf_counter()
@@ -128,7 +142,19 @@ def call_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = 
         retry_condition_fn=retry_unless_fatal,
         result_storage=result_storage_for(store),
     )
-    state = configured(recipe=recipe.model_dump(mode="json"), key=key, retry_failed=retry, return_state=True)
+    parameters = {"recipe": recipe.model_dump(mode="json"), "key": key, "retry_failed": retry}
+    return PreparedStep(step, key, configured, parameters, started)
+
+
+def step_outcome(prepared: PreparedStep, state: State, recipe: Recipe) -> StepOutcome:
+    """What the step's final state says; raises the step's error when it failed."""
     ref = state.result()
-    rows = store.manifest(ref)["rows"]
-    return StepOutcome(step.name, key, state.name, ref, rows, time.perf_counter() - started)
+    rows = store_for(recipe).manifest(ref)["rows"]
+    return StepOutcome(prepared.step.name, prepared.key, state.name, ref, rows, time.perf_counter() - prepared.started)
+
+
+def call_step(step_task: Task, step: Step, recipe: Recipe, retry_failed: bool = False) -> StepOutcome:
+    """Run one step inside a flow, in the flow's thread, and report what happened."""
+    prepared = prepare_step(step_task, step, recipe, retry_failed)
+    state = prepared.task(**prepared.parameters, return_state=True)
+    return step_outcome(prepared, state, recipe)

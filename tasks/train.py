@@ -23,6 +23,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from orca_core.packed import row_count
 from orca_core.recipe.models import Recipe
 from orca_core.train import total_steps
 from tasks.ray_runtime import ensure_ray
@@ -102,7 +103,7 @@ class RayTrainer:
         if not progress.exists() or not (lines := progress.read_text().splitlines()):
             return
         latest = json.loads(lines[-1])
-        total = total_steps(pq.ParquetFile(job.dataset).metadata.num_rows, job, self.recipe.train.workers)
+        total = total_steps(row_count(job.dataset), job, self.recipe.train.workers)
         per_step = latest["elapsed"] / max(len(lines), 1)
         self.sink(latest["step"], total, f"step {latest['step']}/{total} | loss {latest['loss']:.4f} | lr {latest['lr']:.2e} | "
                                          f"{latest['tokens_per_s']:.0f} tok/s | ETA {per_step * (total - latest['step']):.0f}s")

@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from orca_core import steps
 from orca_core.context import StepContext
+from orca_core.curriculum import DATASET_FILE
+from orca_core.packed import PackedRows
 from orca_core.store import ArtifactStore
 from orca_core.teacher.runner import LocalFanoutRunner
 from orca_core.train import fit
@@ -36,7 +38,8 @@ def trained(tmp_path_factory):
     from orca_core.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("curriculum") / "store"
-    recipe = load_recipe("smoke", [f"store.root={root}", "train.checkpoint_every=2"])
+    recipe = load_recipe("smoke", [f"store.root={root}", "train.checkpoint_every=2",
+                                    "train.keep_training_state=true"])  # the resume tests copy it back
     store = ArtifactStore(recipe.store.root)
     return recipe, store, run_all(recipe, store)
 
@@ -67,7 +70,7 @@ def test_only_teacher_tokens_are_labelled_in_every_stage_dataset(trained):
     tokenizer = AutoTokenizer.from_pretrained(Path(results["tokenizer"].ref.url))
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for name in ("flan", "orca1", "orca2"):
-        table = pq.read_table(Path(results[f"dataset-{name}"].ref.url) / "packed.parquet")
+        table = PackedRows(Path(results[f"dataset-{name}"].ref.url) / DATASET_FILE).table()
         manifest = store.manifest(results[f"dataset-{name}"].ref)
         stats = manifest["stats"]
         assert stats["packing_efficiency"] > 0.8

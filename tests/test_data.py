@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from orca_core import data
 from orca_core.data import IGNORE, build_dataset, encode, pack, padded_efficiency, stage_examples
+from orca_core.packed import PACKED_SCHEMA, PackedRows
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import to_table
@@ -295,3 +300,82 @@ def test_build_dataset_of_nothing(tok):
     table, stats = build_dataset([], tok, 64, "drop", seed=0)
     assert table.num_rows == 0 and stats["rows"] == 0 and stats["packing_efficiency"] == 0.0
     assert table.schema.field("labels").type == pa.list_(pa.int32())
+
+
+# -- streaming build: the same packed rows and stats as the in-memory build it replaced -------------------------
+def content_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def golden_examples(case: str, sources, orca1, orca2) -> list[dict]:
+    if case == "flan+orca1":
+        return stage_examples("flan", sources, None, None, 0.0, 0) + stage_examples("orca1", sources, orca1, None, 0, 0)
+    return stage_examples("orca2", sources, orca1, orca2, 0.5, seed=1)
+
+
+# Digests of (packed rows, stats) from the list-based build (every token a Python int) before it streamed.
+GOLDEN_PACKED = {
+    ("flan+orca1", 256, "truncate", 3): ("cb44478d582ef8ae", "3c941972aaf8cfe8"),
+    ("orca2", 96, "drop", 7): ("b3e86d7d85573b3e", "ca2e1d6bc6e73b5c"),
+    ("orca2", 80, "truncate", 0): ("d58c227078cfe12b", "d7fa575fa0ec51ba"),
+}
+
+
+@pytest.mark.parametrize("case, max_len, overlong, seed", list(GOLDEN_PACKED))
+def test_packed_rows_and_stats_are_golden(tok, sources, orca1, orca2, case, max_len, overlong, seed):
+    table, stats = build_dataset(golden_examples(case, sources, orca1, orca2), tok, max_len, overlong, seed)
+    assert (content_digest(table.to_pylist()), content_digest(stats)) == GOLDEN_PACKED[(case, max_len, overlong, seed)]
+
+
+def test_the_step_streams_from_parquet_files_to_the_golden_rows(tok, sources, orca1, orca2, tmp_path, monkeypatch):
+    # Small batches and chunks, so the tables are read, tokenized and written in many pieces.
+    monkeypatch.setattr(data, "ENCODE_BATCH", 7)
+    monkeypatch.setattr(data, "CHUNK_TOKENS", 3 * 80)
+    files = {}
+    for name, table in (("sources", sources), ("orca1", orca1), ("orca2", orca2)):
+        pq.write_table(table, files.setdefault(name, tmp_path / f"{name}.parquet"), row_group_size=16)
+    examples = data.stage_example_batches("orca2", files["sources"], files["orca1"], files["orca2"], 0.5, seed=1)
+    stats = data.write_dataset(examples, tok, 80, "truncate", 0, tmp_path / "packed.arrow")
+    rows = PackedRows(tmp_path / "packed.arrow")
+    assert [batch.num_rows for batch in rows.batches][:3] == [3, 3, 3]
+    golden = GOLDEN_PACKED[("orca2", 80, "truncate", 0)]
+    assert (content_digest(rows.table().to_pylist()), content_digest(stats)) == golden
+
+
+def test_the_replay_is_the_sample_of_the_listed_strong_traces(sources, orca1, orca2):
+    strong = kept(orca1, teacher_role="strong")
+    for ratio, seed in [(0.25, 1), (0.5, 9), (1.0, 3)]:
+        replay = stage_examples("orca2", sources, orca1, orca2, ratio, seed)[80:]
+        expected = random.Random(seed).sample(strong, min(round(ratio * 80), len(strong)))  # what it did on a list
+        assert [(e["source_id"], e["assistant"]) for e in replay] == [(r["source_id"], r["response"]) for r in expected]
+
+
+def test_a_table_without_a_needed_column_is_named(sources, orca1, tmp_path):
+    pq.write_table(orca1.drop_columns(["response"]), tmp_path / "traces.parquet")
+    with pytest.raises(ValueError, match=r"orca1 traces: no column 'response'"):
+        stage_examples("orca1", sources, tmp_path / "traces.parquet", None, 0.0, 0)
+    with pytest.raises(ValueError, match=r"sources: no column 'split'"):
+        stage_examples("flan", sources.drop_columns(["split"]), None, None, 0.0, 0)
+
+
+def test_packed_rows_are_taken_from_the_memory_map_without_reading_the_file(tmp_path):
+    n_rows, width = 2000, 4096  # 2000 rows x 3 lists of 4096 int32: ~94 MiB
+    ids = pa.array(np.arange(n_rows * width, dtype=np.int32) % 50000)
+    offsets = pa.array(np.arange(0, n_rows * width + 1, width, dtype=np.int32))
+    lists = pa.ListArray.from_arrays(offsets, ids)
+    counts = pa.array(np.full(n_rows, width, np.int32))
+    table = pa.Table.from_arrays([lists, lists, lists, counts, counts, counts], schema=PACKED_SCHEMA)
+    with pa.OSFile(str(tmp_path / "packed.arrow"), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA) as writer:
+        writer.write_table(table, max_chunksize=100)
+    del table, lists, ids
+    allocated = pa.total_allocated_bytes()
+    rows = PackedRows(tmp_path / "packed.arrow", ["input_ids", "labels", "position_ids"])
+    taken = rows.take([1999, 0, 1234])
+    assert pa.total_allocated_bytes() - allocated < 2**20  # Arrow allocated nothing for the file: it is mapped
+    assert len(rows) == 2000 and len(rows.batches) == 20
+    assert taken.column_names == ["input_ids", "labels", "position_ids"]
+    assert [row[0] for row in taken["input_ids"].to_pylist()] == [1999 * width % 50000, 0, 1234 * width % 50000]
+    with pytest.raises(IndexError, match="out of range 0..1999"):
+        rows.take([2000])
+    with pytest.raises(ValueError, match=r"packed.arrow: no column 'weights'"):
+        PackedRows(tmp_path / "packed.arrow", ["input_ids", "weights"])

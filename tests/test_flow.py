@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -56,6 +57,13 @@ def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(sto
     assert [o["key"] for o in first] == [o["key"] for o in second]
     assert first[0]["rows"] == {"train": 160, "heldout": 40}
     assert first[2]["rows"]["traces"] > 160 and 0 < first[4]["rows"]["kept"] <= first[2]["rows"]["traces"]
+    # Along the DAG, two at a time: both teachers' fan-outs overlap; a stage is scored once it is trained.
+    ran = {o["step"]: o for o in first}
+    assert _overlap(ran["strategies"], ran["traces-orca1"])
+    assert all(ran[f"eval-{s}"]["start"] >= ran[f"train-{s}"]["end"] for s in ("flan", "orca1", "orca2"))
+    assert all(ran[name]["start"] >= ran[up]["end"] for name, up in (("traces-orca2", "strategies"),
+                                                                       ("tokenizer", "filtered-orca2"),
+                                                                       ("report", "eval-orca2")))
     artifact = Path(first[0]["artifact"])
     assert (artifact / "train.parquet").is_file() and (artifact / "manifest.json").is_file()
     # Prefect's own records say the same (what the UI shows).
@@ -79,9 +87,11 @@ def test_second_run_is_cached_corruption_is_rebuilt_and_the_key_stays_secret(sto
     assert third[0]["state"] == "Completed" and third[0]["key"] == first[0]["key"]
     assert len(list((tmp_path / "store" / ".corrupt").iterdir())) == 1
     assert [o["state"] for o in orca_pipeline(recipe="smoke", overrides=overrides)] == ["Cached"] * n
-    # Three trained stages, each a loadable HF folder.
+    # Three trained stages, each a loadable HF folder without the optimizer state (opt-in: train.keep_training_state).
     for o in first:
-        assert not o["step"].startswith("train-") or (Path(o["artifact"]) / "model.safetensors").is_file()
+        if o["step"].startswith("train-"):
+            assert (Path(o["artifact"]) / "model.safetensors").is_file()
+            assert not (Path(o["artifact"]) / "training_state").exists()
 
 
 def test_every_checkpoint_is_scored_and_the_report_is_written_and_published(store, monkeypatch):
@@ -221,3 +231,108 @@ def test_lineage_walks_from_the_report_to_the_sources_and_names_the_recipe_that_
     assert by_key.exit_code == 0 and by_key.output.startswith(f"train-flan/{outcomes['train-flan']['key'][:12]}")
     bad = CliRunner().invoke(app, ["lineage", "zz", "--store", str(store)])
     assert bad.exit_code == 2 and "key prefix of at least 8 hex digits" in bad.output
+
+
+# -- steps along the DAG: independent ones overlap (prefect.max_concurrent_steps), dependents wait ----------------
+def _sleeper(name: str, seconds: float, calls: Path, error: Exception | None = None) -> Step:
+    """A step that sleeps, counts its calls in `calls/<name>`, then raises `error` or publishes one file."""
+
+    def build(recipe, upstream, out, ctx):
+        marker = calls / name
+        marker.write_text(str(int(marker.read_text()) + 1 if marker.exists() else 1))
+        time.sleep(seconds)
+        if error is not None:
+            raise error
+        (out / "done.txt").write_text(name)
+        return {"done": 1}, {}
+
+    return Step(name, version=1, reads=lambda r: {"seed": r.seed, "test": f"dag-{name}"}, build=build)
+
+
+def _run_dag(tmp_path: Path, steps: list[Step], needs: dict[str, tuple[str, ...]], *settings: str):
+    from flows.steps import run_dag
+
+    recipe = load_recipe("smoke", [f"store.root={tmp_path / 'store'}", "prefect.retry_delay_s=0.2",
+                                   "prefect.retry_jitter=0", *settings])
+
+    @flow
+    def dag():
+        return run_dag(recipe, steps, needs, summary_key="dag-summary")
+
+    return dag()
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["start"] < b["end"] and b["start"] < a["end"]
+
+
+def test_independent_steps_overlap_dependents_wait_and_a_second_run_is_all_cached(tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    # a and b are independent; c reads b (as an evaluation reads its stage); d reads a and c. Two at a time.
+    steps = [_sleeper("a", 2.0, calls), _sleeper("b", 1.0, calls), _sleeper("c", 1.0, calls), _sleeper("d", 0.2, calls)]
+    needs = {"a": (), "b": (), "c": ("b",), "d": ("a", "c")}
+    rows = {r["step"]: r for r in _run_dag(tmp_path, steps, needs, "prefect.max_concurrent_steps=2")}
+    assert [r["state"] for r in rows.values()] == ["Completed"] * 4
+    assert _overlap(rows["a"], rows["b"]) and _overlap(rows["a"], rows["c"])  # c starts in b's slot while a runs
+    assert rows["c"]["start"] >= rows["b"]["end"] and rows["d"]["start"] >= max(rows["a"]["end"], rows["c"]["end"])
+    wall = rows["d"]["end"]
+    assert wall < sum(r["seconds"] for r in rows.values()) - 1.5  # b and c ran beside a
+    with get_client(sync_client=True) as client:
+        summary = next(a for a in client.read_latest_artifacts() if a.key == "dag-summary").data
+    assert "| a | Completed |" in summary and "wall " in summary and "s in steps" in summary
+    assert summary.count("|#") + summary.count(" #") >= 4  # one bar per step
+
+    again = _run_dag(tmp_path, steps, needs, "prefect.max_concurrent_steps=2")
+    assert [r["state"] for r in again] == ["Cached"] * 4
+    assert sorted(p.name for p in calls.iterdir()) == ["a", "b", "c", "d"]
+    assert all((calls / n).read_text() == "1" for n in "abcd")  # built once each
+
+    # One at a time: the run order, one step after the other.
+    serial = {r["step"]: r for r in _run_dag(tmp_path / "serial", steps, needs, "prefect.max_concurrent_steps=1")}
+    ends = [serial[n]["end"] for n in "abcd"]
+    assert all(serial[n]["start"] >= prev for n, prev in zip("bcd", ends))
+
+
+def test_a_failed_step_lets_independent_steps_finish_and_its_dependents_never_run(tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    steps = [_sleeper("a", 0.1, calls, ValueError("a broke")), _sleeper("b", 1.0, calls), _sleeper("c", 0.1, calls),
+             _sleeper("after-b", 0.1, calls)]
+    needs = {"a": (), "b": (), "c": ("a",), "after-b": ("b",)}
+    with pytest.raises(ValueError, match="a broke"):
+        _run_dag(tmp_path, steps, needs, "prefect.retries=1")
+    assert (calls / "a").read_text() == "2"  # retried once, as before
+    assert (calls / "b").read_text() == "1" and (calls / "after-b").read_text() == "1"
+    assert not (calls / "c").exists()
+    with get_client(sync_client=True) as client:
+        summary = next(a for a in client.read_latest_artifacts() if a.key == "dag-summary").data
+    assert "| a | Failed | ValueError: a broke |" in summary
+    assert "| c | NotReady | upstream a did not complete |" in summary and "| after-b | Completed |" in summary
+
+
+def test_an_error_no_retry_can_fix_starts_nothing_more(tmp_path):
+    from orca_core.teacher.client import FatalTeacherError
+
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    steps = [_sleeper("a", 0.1, calls, FatalTeacherError("key refused")), _sleeper("b", 1.0, calls),
+             _sleeper("c", 0.1, calls), _sleeper("d", 0.1, calls)]
+    needs = {"a": (), "b": (), "c": (), "d": ("b",)}
+    with pytest.raises(FatalTeacherError, match="key refused"):
+        _run_dag(tmp_path, steps, needs, "prefect.retries=2")
+    assert (calls / "a").read_text() == "1"  # not retried
+    assert (calls / "b").read_text() == "1"  # it was running: it ends (a thread cannot be stopped)
+    assert not (calls / "c").exists() and not (calls / "d").exists()  # nothing starts after the error
+
+
+def test_fanouts_to_a_real_endpoint_take_turns(tmp_path):
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    steps = [_sleeper("strategies", 0.5, calls), _sleeper("traces-orca1", 0.5, calls), _sleeper("other", 0.5, calls)]
+    endpoint = '{kind: vllm, base_url: "http://127.0.0.1:9/v1", model: m, rpm: 100}'
+    rows = {r["step"]: r for r in _run_dag(tmp_path, steps, {s.name: () for s in steps},
+                                           f"teachers.strong={endpoint}", "prefect.max_concurrent_steps=3")}
+    # Each fan-out's gate holds the endpoint's limits on its own: never two at once; other steps still overlap.
+    assert not _overlap(rows["strategies"], rows["traces-orca1"])
+    assert _overlap(rows["strategies"], rows["other"])

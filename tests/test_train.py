@@ -404,3 +404,218 @@ def test_a_checkpoint_with_a_disallowed_pickled_object_is_refused(golden_run, tm
     assert not validate_checkpoint(tampered)
     assert not (tmp_path / "marker").exists()
     assert fit(replace(again, max_steps=4), resume_from=job.checkpoint_dir / "step3")["steps"] == 4  # the clean one
+
+
+# -- ZeRO-3 sharded at load; gradient checkpointing; the attention kernel ---------------------------------------
+def zero3_job(base: dict[str, Path], name: str, **changes) -> TrainJob:
+    return replace(golden_job(base, name), zero_stage=3, deepspeed_config=REPO / "infra/deepspeed/zero3_bf16.json",
+                   **changes)  # the job's fp32 wins over the JSON's bf16
+
+
+def test_zero3_builds_the_model_partitioned_and_loads_the_checkpoint_into_the_partitions(golden_run, base):
+    import deepspeed
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    job = zero3_job(base, "zero3-load")
+    model = train.load_model(job, train.deepspeed_config(job, world_size=1))
+    assert not is_deepspeed_zero3_enabled()  # unset after the load: later from_pretrained calls load plain models
+    reference = AutoModelForCausalLM.from_pretrained(base["base"], dtype=torch.float32)
+    params, expected = dict(model.named_parameters()), dict(reference.named_parameters())
+    assert set(params) == set(expected) and all(p.numel() > 0 for p in expected.values())
+    for name, param in params.items():  # a placeholder: the values live in the rank's partition (here the only one)
+        assert param.numel() == 0 and tuple(param.ds_shape) == expected[name].shape, name
+        assert param.ds_tensor.numel() == expected[name].numel() and param.ds_tensor.dtype == torch.float32, name
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for name, param in params.items():
+            assert torch.equal(param, expected[name]), name
+    decayed, plain = train.param_groups(model, 0.01)  # by the real shapes, not the placeholders'
+    assert decayed["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert sum(p.ds_numel for p in decayed["params"]) == sum(p.numel() for p in expected.values() if p.ndim == 2)
+    assert len(plain["params"]) == 2 * ARCH["num_hidden_layers"] + 1  # the RMSNorms
+    ordinary = train.load_model(golden_job(base, "zero2-load"), train.deepspeed_config(golden_job(base, "x"), 1))
+    assert not hasattr(next(ordinary.parameters()), "ds_id")  # ZeRO-2 loads a plain model
+
+
+# Rank r of a 2-rank ZeRO-3 world: the share of the parameters it holds right after the load, then fit with gradient
+# checkpointing; rank 0 saves the weights gathered just before the export (torch.save) and writes its report.
+ZERO3_RANK_CHILD = """
+import json, os, sys
+import deepspeed, torch
+from orca_core import train
+job = train.TrainJob(**json.loads(sys.argv[1]))
+train._prepare_distributed()
+model = train.load_model(job, train.deepspeed_config(job, world_size=2))
+share = sum(p.ds_tensor.numel() for p in model.parameters()) / sum(p.ds_numel for p in model.parameters())
+del model
+export = train.export
+def gathering_export(engine, *args):
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        trained = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+    checkpointing = engine.module.is_gradient_checkpointing
+    if os.environ["RANK"] == "0":
+        torch.save(trained, sys.argv[2] + ".pt")
+    export(engine, *args)
+    shares = [None, None]
+    torch.distributed.all_gather_object(shares, share)
+    if os.environ["RANK"] == "0":
+        open(sys.argv[2], "w").write(json.dumps({"shares": shares, "checkpointing": checkpointing}))
+train.export = gathering_export
+result = train.fit(job)
+if os.environ["RANK"] == "0":
+    report = json.loads(open(sys.argv[2]).read())
+    open(sys.argv[2], "w").write(json.dumps({**report, "losses": [m["loss"] for m in result["metrics"]]}))
+"""
+
+
+def test_zero3_at_two_ranks_holds_half_the_model_from_the_load_and_exports_the_trained_weights(base, tmp_path):
+    """About 30 s: two torchrun ranks (gloo), ZeRO-3 with gradient checkpointing, 4 optimizer steps."""
+    job = replace(zero3_job(base, "zero3-ranks", micro_batch_size=2, gradient_checkpointing=True),
+                  dataset=base["uneven"], epochs=1, out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+    (tmp_path / "child.py").write_text(ZERO3_RANK_CHILD)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(tmp_path / "child.py"), json.dumps(asdict(job), default=str), str(tmp_path / "report.json")]
+    done = subprocess.run(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["checkpointing"] is True
+    assert all(0.49 < share < 0.52 for share in report["shares"]), report["shares"]  # each rank: its half, padded
+    token_mean, _ = first_step_losses(job, 2)
+    assert len(report["losses"]) == 4 and report["losses"][0] == pytest.approx(token_mean, abs=1e-6)
+    assert report["losses"][-1] < report["losses"][0]
+    trained = torch.load(tmp_path / "report.json.pt")
+    exported = load_file(job.out_dir / "model.safetensors")
+    assert set(exported) == set(trained)
+    for name, value in trained.items():
+        assert exported[name].dtype == torch.float32 and torch.equal(exported[name], value), name
+    assert validate_checkpoint(job.checkpoint_dir)  # one model and one optimizer shard per rank
+
+
+def test_a_zero3_run_resumes_from_its_checkpoint_to_the_same_losses_and_weights(base, tmp_path):
+    job = zero3_job(base, "zero3-resume", max_steps=6, checkpoint_every=3, out_dir=tmp_path / "whole",
+                    checkpoint_dir=tmp_path / "ckpt")
+    whole = fit(job)["metrics"]
+    again = replace(job, out_dir=tmp_path / "resumed", checkpoint_dir=tmp_path / "ckpt-resumed")
+    resumed = fit(again, resume_from=job.checkpoint_dir / "step3")["metrics"]
+    assert [m["loss"] for m in resumed] == [m["loss"] for m in whole] and len(whole) == 6
+    first, second = load_file(job.out_dir / "model.safetensors"), load_file(again.out_dir / "model.safetensors")
+    assert set(first) == set(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_zero3_in_fp32_keeps_one_copy_of_each_partition(base, tmp_path):
+    """DeepSpeed 0.19 would keep a second fp32 copy of each partition as the optimizer's master (train._share_fp32_master)."""
+    job = zero3_job(base, "zero3-master", out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+    engine, _ = train.setup(job)
+    optimizer = engine.optimizer
+    pairs = list(zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat))
+    assert pairs and all(master.data_ptr() == flat.data_ptr() for flat, master in pairs)
+    engine.destroy()
+
+
+def test_gradient_checkpointing_gives_the_same_losses(golden_run, base, tmp_path):
+    job = replace(golden_job(base, "checkpointing"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                  gradient_checkpointing=True)
+    result, captured = fit_capturing(job, lambda engine: {"on": engine.module.is_gradient_checkpointing})
+    assert captured["on"] is True
+    np.testing.assert_allclose([m["loss"] for m in result["metrics"]],
+                               [m["loss"] for m in golden_run[1]["metrics"]], rtol=0, atol=1e-6)
+    assert "gradient_checkpointing" not in json.loads((job.out_dir / "config.json").read_text())
+
+
+def test_the_attention_kernel_reaches_the_model_and_the_export_does_not_pin_it(golden_run, base, tmp_path):
+    job = replace(golden_job(base, "eager"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt",
+                  attn_implementation="eager")
+    result, captured = fit_capturing(job, lambda engine: {"attn": engine.module.config._attn_implementation})
+    assert captured["attn"] == "eager"
+    # the same maths by another kernel: equal to float rounding, not to the bit
+    np.testing.assert_allclose([m["loss"] for m in result["metrics"]],
+                               [m["loss"] for m in golden_run[1]["metrics"]], rtol=0, atol=1e-5)
+    config = json.loads((job.out_dir / "config.json").read_text())
+    assert not any("attn" in key for key in config)  # vLLM and HF evaluation pick their own kernel
+    assert AutoModelForCausalLM.from_pretrained(job.out_dir).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(("changes", "refused"), [
+    ({"attn_implementation": "flash_attention_2"}, r"train\.attn_implementation: flash_attention_2 needs a CUDA GPU"),
+    ({"attn_implementation": "flex_attention"}, r"train\.attn_implementation: flex_attention trains only on a GPU"),
+    ({"padding_free": True}, r"train\.padding_free: needs train\.attn_implementation flash_attention_2 or "
+                             r"flex_attention \(it is sdpa\)"),
+])
+def test_an_attention_setting_this_host_cannot_train_is_refused_naming_the_field(base, tmp_path, changes, refused):
+    from orca_core.recipe import RecipeError, load_recipe
+
+    job = replace(golden_job(base, "refused"), out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt", **changes)
+    with pytest.raises(ValueError, match=refused):  # at train time: no CUDA (and no flash-attn) here
+        fit(job)
+    assert not job.out_dir.exists()
+    with pytest.raises(RecipeError, match=refused):  # at recipe load, without train.use_gpu
+        load_recipe("tiny", [f"train.{key}={str(value).lower()}" for key, value in changes.items()])
+
+
+def test_gradient_checkpointing_stays_out_of_the_training_key_and_the_kernel_goes_in():
+    from orca_core.curriculum import train_reads_for
+    from orca_core.recipe import load_recipe
+
+    recipe = load_recipe("tiny")
+    reads = train_reads_for(recipe.curriculum.stages[0])
+    plain = reads(recipe)
+    assert plain == reads(load_recipe("tiny", ["train.gradient_checkpointing=true"]))
+    assert plain["train"]["attn_implementation"] == "sdpa" and plain["train"]["padding_free"] is False
+    assert plain != reads(load_recipe("tiny", ["train.attn_implementation=eager"]))
+
+
+# -- packed rows read memory-mapped from the dataset step's Arrow file, collated with numpy (padded or padding-free) --
+def as_arrow(parquet: Path, out: Path, rows_per_batch: int = 5) -> Path:
+    """The Parquet fixture as the dataset step writes it: an Arrow IPC file of several record batches."""
+    from orca_core.packed import PACKED_SCHEMA
+
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, PACKED_SCHEMA) as writer:
+        writer.write_table(pq.read_table(parquet), max_chunksize=rows_per_batch)
+    return out
+
+
+def test_training_on_the_memory_mapped_arrow_file_gives_the_golden_losses(golden_run, base, tmp_path):
+    job = replace(golden_job(base, "arrow"), dataset=as_arrow(base["data"], tmp_path / "packed.arrow"),
+                  out_dir=tmp_path / "out", checkpoint_dir=tmp_path / "ckpt")
+    losses = [m["loss"] for m in fit(job)["metrics"]]
+    assert losses == [m["loss"] for m in golden_run[1]["metrics"]]  # the same rows, to the bit
+    np.testing.assert_allclose(losses[:5], GOLDEN, rtol=1e-6)
+
+
+def test_collate_pads_rows_taken_from_the_arrow_file(base, tmp_path):
+    from orca_core.packed import PackedRows
+
+    taken = PackedRows(as_arrow(base["data"], tmp_path / "packed.arrow"), train.COLUMNS).take([3, 0, 17])
+    batch = collate(taken, MAX_LEN, pad_id=0)
+    assert {name: (t.dtype, tuple(t.shape)) for name, t in batch.items()} == {
+        name: (torch.long, (3, MAX_LEN)) for name in train.COLUMNS}
+    for i, row in enumerate(taken.to_pylist()):
+        pad = MAX_LEN - len(row["input_ids"])
+        assert batch["input_ids"][i].tolist() == row["input_ids"] + [0] * pad
+        assert batch["labels"][i].tolist() == row["labels"] + [-100] * pad
+        assert batch["position_ids"][i].tolist() == row["position_ids"] + list(range(pad))
+    from_dicts = collate(taken.to_pylist(), MAX_LEN, pad_id=0)
+    assert all(torch.equal(batch[name], from_dicts[name]) for name in train.COLUMNS)
+    with pytest.raises(ValueError, match=r"packed row of \d+ tokens is longer than max_len 8"):
+        collate(taken, 8, pad_id=0)
+
+
+def test_padding_free_collate_is_one_row_of_the_rows_with_no_padding_and_the_same_loss(base, tmp_path):
+    from orca_core.packed import PackedRows
+
+    taken = PackedRows(as_arrow(base["data"], tmp_path / "packed.arrow"), train.COLUMNS).take([3, 0, 17])
+    rows = pq.read_table(base["data"]).take([3, 0, 17]).to_pylist()
+    free, padded = collate(taken, MAX_LEN, pad_id=0, padding_free=True), collate(taken, MAX_LEN, pad_id=0)
+    total = sum(row["n_tokens"] for row in rows)
+    assert total < 3 * MAX_LEN and {tuple(t.shape) for t in free.values()} == {(1, total)}
+    for name in train.COLUMNS:  # the rows end to end: no pad token, label or position anywhere
+        assert free[name][0].tolist() == [v for row in rows for v in row[name]]
+    # a segment starts (position 0) at every example, so at every row: no target crosses into the next
+    assert int((free["position_ids"] == 0).sum()) == sum(row["n_examples"] for row in rows)
+    assert train.label_count(free) == train.label_count(padded) == sum(row["n_label_tokens"] for row in rows)
+    model = AutoModelForCausalLM.from_pretrained(base["base"], dtype=torch.float32)
+    sums = []
+    with torch.no_grad():
+        for batch in (free, padded):  # transformers cuts the one row into its examples by the position ids
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+            sums.append(token_losses(logits, shifted_targets(batch["labels"], batch["position_ids"])).sum().item())
+    assert sums[0] == pytest.approx(sums[1], rel=1e-5)

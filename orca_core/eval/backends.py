@@ -1,4 +1,4 @@
-"""Greedy generation behind one interface: vLLM (in a child process) or HF transformers.
+"""Greedy generation behind one interface: vLLM or HF transformers, on Ray actors or here.
 
 Both backends get the same prompt token ids, stop at the tokenizer's eos
 (`<|im_end|>`), cap each prompt's new tokens by the same rule and decode with
@@ -12,11 +12,15 @@ are written to `out_dir/<job>.jsonl` atomically as soon as the job is done, and
 a job whose file is there (for the same prompts and settings) is not generated
 again: a killed evaluation resumes where it stopped, one job at a time.
 
-vLLM runs in a child process (`orca_core.eval.vllm_generate`): its engine needs
-process-wide settings on CPU (V1 multiprocessing off, its own cache folder, a
-KV cache size), it holds the accelerator until its process ends, and a crash in
-it must come back as an error naming the checkpoint, not take the caller down.
-Data comes back through the job files only; the child's output is logs.
+Where the engines run is the caller's choice (`open_engine`): the eval steps
+hand in Ray actors with their resources reserved, split data-parallel
+(`tasks/eval_ray.py`); the engines return generations and `run_jobs` writes the
+job files in this process. Without `open_engine`, HF runs in this process and
+vLLM in a child process (`orca_core.eval.vllm_generate`) that runs `run_jobs`
+itself: its engine needs process-wide settings on CPU (V1 multiprocessing off,
+its own cache folder, a KV cache size), it holds the accelerator until its
+process ends, and a crash in it must come back as an error naming the
+checkpoint, not take the caller down. Its output is logs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -195,7 +200,20 @@ def read_job(out_dir: Path, job: str, fingerprint: str) -> list[Generation] | No
 
 
 class Engine(Protocol):
+    engines: int  # how many engines one call is split over (data parallel): each gets CHUNK_PROMPTS
+
     def generate(self, prompts: list[list[int]]) -> list[Generation]: ...
+
+
+# (checkpoint, settings, context length) -> the engine(s), loaded on entering, released on leaving
+OpenEngine = Callable[[Path, GenerationSettings, int], AbstractContextManager[Engine]]
+
+
+def contiguous_shares(items: list[Any], parts: int) -> list[list[Any]]:
+    """`items` in `parts` runs, in order, their sizes differing by one at most (the first ones larger)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
 @dataclass
@@ -212,15 +230,16 @@ def run_jobs(engine: Engine, jobs: dict[str, list[list[int]]], out_dir: Path, fi
              on_done: Callable[[JobDone], None], on_chunk: Progress | None = None) -> None:
     """Generate each job not written yet and write its file as soon as it is done.
 
-    Prompts go to the engine CHUNK_PROMPTS at a time, so a long job (MMLU: 14K prompts) reports
-    progress (`on_chunk(job, prompts done, prompts in job)`) as it goes.
+    Prompts go to the engine CHUNK_PROMPTS per engine at a time, so a long job (MMLU: 14K prompts)
+    reports progress (`on_chunk(job, prompts done, prompts in job)`) as it goes.
     """
     todo = [name for name in jobs if read_job(out_dir, name, fingerprints[name]) is None]
+    chunk = CHUNK_PROMPTS * engine.engines
     for done, name in enumerate(todo, 1):
         started = time.perf_counter()
         prompts, generations = jobs[name], []
-        for start in range(0, len(prompts), CHUNK_PROMPTS):
-            generations += engine.generate(prompts[start:start + CHUNK_PROMPTS])
+        for start in range(0, len(prompts), chunk):
+            generations += engine.generate(prompts[start:start + chunk])
             if on_chunk is not None and len(generations) < len(prompts):
                 on_chunk(name, len(generations), len(prompts))
         write_job(out_dir, name, fingerprints[name], generations)
@@ -232,8 +251,12 @@ def run_jobs(engine: Engine, jobs: dict[str, list[list[int]]], out_dir: Path, fi
 
 
 def generate_jobs(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: Path, settings: GenerationSettings,
-                  progress: Progress | None = None, stats: dict[str, Any] | None = None) -> dict[str, list[Generation]]:
+                  progress: Progress | None = None, stats: dict[str, Any] | None = None,
+                  open_engine: OpenEngine | None = None) -> dict[str, list[Generation]]:
     """Greedy generations of every job's prompts, in prompt order, loading the model once for all jobs.
+
+    `open_engine` loads the engine(s) wherever they run (see the module docstring); None: HF in this
+    process, vLLM in a child process.
 
     Jobs whose file is in `out_dir` are read back, not generated. `progress(job, done, total)` is called
     with the prompts done out of the job's prompts as generation goes, the last time (done == total) once
@@ -272,13 +295,13 @@ def generate_jobs(checkpoint: Path, jobs: dict[str, list[list[int]]], out_dir: P
             if progress is not None:
                 progress(job, done, total)
 
-        if settings.backend == "vllm":
+        if open_engine is None and settings.backend == "vllm":
             figures["load_s"] = _run_vllm(checkpoint, todo, out_dir, settings, fingerprints, context, on_done, on_chunk)
         else:
             started = time.perf_counter()
-            engine = HfEngine(checkpoint, settings, context)
-            figures["load_s"] = time.perf_counter() - started
-            run_jobs(engine, todo, out_dir, fingerprints, on_done, on_chunk)
+            with (open_engine or open_hf)(checkpoint, settings, context) as engine:
+                figures["load_s"] = time.perf_counter() - started
+                run_jobs(engine, todo, out_dir, fingerprints, on_done, on_chunk)
         for name in todo:
             results[name] = read_job(out_dir, name, fingerprints[name])
             if results[name] is None:
@@ -298,6 +321,8 @@ class HfEngine:
     A batch never runs past the context (see `_batches`), so its rows share one cap; `generate` ends a
     row at its eos and pads it after. Greedy decoding makes each row what it would be alone.
     """
+
+    engines = 1
 
     def __init__(self, checkpoint: Path, settings: GenerationSettings, context: int):
         import torch
@@ -357,6 +382,11 @@ class HfEngine:
         return generated[:, width:].tolist()
 
 
+@contextmanager
+def open_hf(checkpoint: Path, settings: GenerationSettings, context: int) -> Iterator[HfEngine]:
+    yield HfEngine(checkpoint, settings, context)
+
+
 # ----------------------------------------------------------------------------- vLLM, in a child process
 
 
@@ -365,8 +395,8 @@ def vllm_cache_root() -> Path:
     return Path(tempfile.gettempdir()) / f"orca-vllm-cache-{os.getuid()}"
 
 
-def vllm_env(base: dict[str, str], cache_root: Path) -> dict[str, str]:
-    """The child's environment: what vLLM needs on CPU, set only where the caller has not set it.
+def vllm_env(base: dict[str, str], cache_root: Path, threads: int | None = None) -> dict[str, str]:
+    """An engine process's environment: what vLLM needs on CPU, set only where the caller has not set it.
 
     On GPU hosts these are harmless (the KV cache size is a CPU setting; the engine core in-process).
     """
@@ -377,9 +407,9 @@ def vllm_env(base: dict[str, str], cache_root: Path) -> dict[str, str]:
     env.setdefault("VLLM_CACHE_ROOT", str(cache_root))
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # The engine has the machine to itself while it runs: every core (OMP_NUM_THREADS=1 is for training's
-    # gloo workers; on 2 cores two threads halve the engine start and cut generation by a quarter).
-    env["OMP_NUM_THREADS"] = env.get("ORCA_EVAL_THREADS") or str(os.cpu_count() or 1)
+    # The engine's cores (`threads`: its Ray reservation), else the machine's: OMP_NUM_THREADS=1 is for
+    # training's gloo workers; on 2 cores two threads halve the engine start and cut generation by a quarter.
+    env["OMP_NUM_THREADS"] = env.get("ORCA_EVAL_THREADS") or str(threads or os.cpu_count() or 1)
     root = str(Path(__file__).resolve().parents[2])  # the child imports orca_core wherever it is installed from
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env

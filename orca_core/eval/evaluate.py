@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orca_core.eval.backends import GenerationSettings, backend_version, chat_prompts, generate_jobs
+from orca_core.eval.backends import GenerationSettings, OpenEngine, backend_version, chat_prompts, generate_jobs
 from orca_core.eval.benchmarks import BenchmarkSpec, Example, examples_digest, load_benchmark
 from orca_core.eval.metrics import summarize
 from orca_core.eval.score import score
@@ -163,8 +163,12 @@ def evaluate_checkpoint(
     bootstrap_samples: int = 1000,
     seed: int = 0,
     progress: Callable[[str, int, int], None] | None = None,
+    open_engine: OpenEngine | None = None,
 ) -> list[JobResult]:
-    """Every job's result artifact: found in the store, else generated (one engine load) and published."""
+    """Every job's result artifact: found in the store, else generated (one engine load) and published.
+
+    `open_engine`: where the engines run (the Ray pool of tasks/eval_ray.py); None: `generate_jobs`' default.
+    """
     digest = digest or checkpoint_digest(checkpoint)
     keyed = [(job, result_components(digest, job, settings)) for job in jobs]
     results: dict[str, JobResult] = {}
@@ -189,7 +193,7 @@ def evaluate_checkpoint(
                 prompts[job.name] = ids
         # The work folder is per checkpoint + settings: generations of a killed run are picked up again.
         work = work_dir / sha256_text(canonical_json({"checkpoint": digest, "settings": asdict(settings)}))[:16]
-        generated = generate_jobs(checkpoint, prompts, work, settings, progress=progress)
+        generated = generate_jobs(checkpoint, prompts, work, settings, progress=progress, open_engine=open_engine)
         generated = {name: generated[first] for name, first in same_as.items()}
         for job, comps in missing:
             key = step_key(comps)

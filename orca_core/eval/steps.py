@@ -59,8 +59,12 @@ def eval_upstream(model_step: str | None):
     return upstream
 
 
+# Where and on how much the engines run (tasks/eval_ray.py): the same tokens anywhere, so in no key.
+WHERE_IT_RUNS = {"engines", "use_gpu", "cpus_per_engine", "placement_timeout_s"}
+
+
 def eval_reads(recipe: Recipe) -> dict[str, Any]:
-    cfg = recipe.eval.model_dump(mode="json", exclude={"data_dir", "models", "batch_size"})
+    cfg = recipe.eval.model_dump(mode="json", exclude={"data_dir", "models", "batch_size", *WHERE_IT_RUNS})
     cfg["benchmarks"] = [spec_fields(spec) for spec in benchmark_specs(recipe)]
     return {"eval": cfg, "seed": recipe.seed}
 
@@ -99,7 +103,7 @@ def _score(recipe: Recipe, checkpoint: Path, digest: str, sources: Path | None, 
     work = ctx.work_dir or store.work_folder(EVAL_WORK) / work_name
     results = evaluate_checkpoint(store, checkpoint, jobs, settings(recipe), work, digest=digest,
                                   bootstrap_samples=recipe.eval.bootstrap_samples, seed=recipe.seed,
-                                  progress=progress_reporter(ctx, label))
+                                  progress=progress_reporter(ctx, label), open_engine=ctx.generator)
     return write_results(store, results, out, digest, recipe.eval.bootstrap_samples, recipe.seed)
 
 

@@ -33,7 +33,15 @@ from orca_core.eval.backends import (
 
 
 class VllmEngine:
-    def __init__(self, checkpoint: Path, settings: GenerationSettings, context: int):
+    """vLLM's offline `LLM` engine, greedy. Also what the Ray engine actors run (tasks/eval_ray.py).
+
+    `executor`: vLLM's distributed_executor_backend ("ray" for tensor parallelism over the GPU bundles
+    of the actor's placement group); None lets vLLM choose (this child: one process, or its own workers).
+    """
+
+    engines = 1
+
+    def __init__(self, checkpoint: Path, settings: GenerationSettings, context: int, executor: str | None = None):
         import torch
         from vllm import LLM
 
@@ -42,7 +50,7 @@ class VllmEngine:
         self.eos = self.tokenizer.eos_token_id
         self.llm = LLM(
             model=str(checkpoint), tokenizer=str(checkpoint), dtype=settings.dtype, max_model_len=context,
-            tensor_parallel_size=settings.tensor_parallel_size, seed=0,
+            tensor_parallel_size=settings.tensor_parallel_size, seed=0, distributed_executor_backend=executor,
             enforce_eager=not torch.cuda.is_available(),  # CPU: no graph capture or compilation to wait for
         )
 

