@@ -44,7 +44,36 @@ def fanout_actor_options(recipe: Recipe) -> dict[str, Any]:
 def ensure_ray(recipe: Recipe) -> None:
     with _JOINING:
         if not ray.is_initialized():
-            _join(recipe)
+            if recipe.ray.address == "local":
+                _in_keeper_thread(_join, recipe)
+            else:
+                _join(recipe)
+
+
+def _in_keeper_thread(start, recipe: Recipe) -> None:
+    """Run `start(recipe)` (ray.init of a local runtime) in a thread that lives as long as the process.
+
+    Ray starts the local runtime's GCS, raylet and agents with PR_SET_PDEATHSIG (they die with their parent), and
+    Linux sends that signal when the *thread* that started them exits, not the process. A step runs in a thread
+    of the flow's task runner: a runtime started there was killed with the pool's threads at the end of the flow,
+    and the next step to use Ray found it gone (the driver then exits: "connection to the plasma store failed").
+    """
+    started, errors = threading.Event(), []
+
+    def keeper() -> None:
+        try:
+            start(recipe)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            errors.append(error)
+        finally:
+            started.set()
+        if not errors:
+            threading.Event().wait()  # parks for the life of the process (a daemon thread)
+
+    threading.Thread(target=keeper, name="orca-ray-runtime", daemon=True).start()
+    started.wait()
+    if errors:
+        raise errors[0]
 
 
 def _join(recipe: Recipe) -> None:

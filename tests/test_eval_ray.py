@@ -24,7 +24,7 @@ HF = GenerationSettings(backend="hf", max_new_tokens=24)
 
 
 def recipe(*overrides: str):
-    return load_recipe("smoke", ["eval.cpus_per_engine=1", *overrides])
+    return load_recipe("smoke", ["eval.cpus_per_engine=1", "ray.num_cpus=2", *overrides])  # the runtime of 2 CPUs
 
 
 @pytest.fixture(scope="module")
