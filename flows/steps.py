@@ -33,10 +33,9 @@ from prefect import get_run_logger
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from orca_core.keys import step_key
 from orca_core.plan import reason
 from orca_core.recipe.models import Recipe
-from orca_core.steps import FANOUT_STEPS, Step, components, explain, steps_for
+from orca_core.steps import FANOUT_STEPS, Step, explain, plan_key, steps_for
 from tasks.report import publish_report, publish_run_summary
 from tasks.step import NOT_RETRIED, PreparedStep, prepare_step, prefect_step, step_outcome, store_for
 
@@ -99,7 +98,7 @@ def run_dag(recipe: Recipe, steps: list[Step], needs: dict[str, tuple[str, ...]]
                 continue
             failed = [u for u in upstream if rows[u]["state"] not in DONE]
             if failed:  # Prefect's own name for a task whose upstream did not complete
-                rows[step.name] = _row(step.name, "NotReady", step_key(components(step, recipe)),
+                rows[step.name] = _row(step.name, "NotReady", plan_key(step, recipe),
                                        f"upstream {', '.join(failed)} did not complete")
                 progressed = True
                 continue
@@ -138,7 +137,7 @@ def run_dag(recipe: Recipe, steps: list[Step], needs: dict[str, tuple[str, ...]]
             collect(next(as_completed(list(running))))
     for future in list(running):  # after an error no retry can fix: the steps that were running, now ended
         collect(future)
-    ordered = [rows.get(s.name) or _row(s.name, "NotReady", step_key(components(s, recipe)), "the run ended first")
+    ordered = [rows.get(s.name) or _row(s.name, "NotReady", plan_key(s, recipe), "the run ended first")
                for s in steps]
     publish_run_summary(ordered, since_start(time.perf_counter()), summary_key)
     if failures:  # one no retry can fix first: it must also stop the flow's retries
