@@ -33,6 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import orca_core  # noqa: F401, I001  first: it picks Arrow's allocator before pyarrow loads
 import pyarrow as pa
 import pyarrow.parquet as pq
 

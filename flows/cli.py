@@ -24,7 +24,7 @@ from rich.table import Table
 
 from orca_core.recipe import RecipeError, load_recipe, recipe_hash, recipe_yaml
 from orca_core.recipe.models import OracleSettings
-from orca_core.steps import explain, plan_key, steps_for
+from orca_core.steps import artifact_name, explain, plan_key, steps_for
 from orca_core.store import ArtifactStore
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="orca-pipeline: teach small models to reason, Orca-style.")
@@ -100,22 +100,34 @@ def run(recipe: RecipeOpt = "tiny", set_: SetOpt = None,
 
 
 def _print_findings(found: dict) -> None:
-    """The stage ordering (headline system message) and the strategy-usage summary of a report."""
+    """A report's findings: the stage ordering, explanations vs the answers-only control, strategy per family,
+    each with its table, then one line per finding: holds or not."""
     from orca_core.eval import findings
 
     rows = found.get("curriculum") or []
     if rows:
         header, body = findings.curriculum_table(rows)
         _print_table([dict(zip(header, row)) for row in body],
-                     f"each stage vs the last: macro accuracy, {found['headline_system_message']} system message "
-                     f"(seed {found['seed']}, recipe {found['recipe_hash'][:12]})")
-        console.print(findings.verdict(rows).replace("**", ""), highlight=False, soft_wrap=True)
+                     f"finding 1, each stage vs the last: macro accuracy, {found['headline_system_message']} system "
+                     f"message (seed {found['seed']}, recipe {found['recipe_hash'][:12]})")
+        if len(rows) > 1:
+            header, body = findings.by_task_table(rows)
+            _print_table([dict(zip(header, row)) for row in body], "finding 1 per task family: paired difference, pts [95% CI]")
+    control = found.get("control")
+    if control:
+        header, body = findings.control_table(control)
+        _print_table([dict(zip(header, row)) for row in body],
+                     f"finding 2, explanations vs answers only: {control['main']} - {control['control']}, paired")
+        header, body = findings.budget_table(control["budget"])
+        _print_table([dict(zip(header, row)) for row in body], "finding 2: the training each arm saw")
     usage = found.get("strategy_usage")
     if usage:
-        console.print(f"strategy per family ({usage['model']}, {usage['system_message']} system message): "
+        console.print(f"finding 3, strategy per family ({usage['model']}, {usage['system_message']} system message): "
                       f"{100 * (usage['follows'] or 0):.1f}% of {usage['n']} answers follow the teacher's strategy "
                       f"for their family; {usage['student_strategies']} strategies across {usage['families']} "
                       "families", highlight=False, soft_wrap=True)
+    for v in found.get("verdicts") or []:
+        console.print(f"finding {v['number']} ({v['finding']}): {v['verdict'].replace('**', '')}", highlight=False, soft_wrap=True)
 
 
 def _print_table(rows: list[dict], title: str) -> None:
@@ -321,11 +333,13 @@ def store_ls(recipe: RecipeOpt = "tiny", set_: SetOpt = None, as_json: bool = ty
     resolved = _load(recipe, set_)
     store = ArtifactStore(resolved.store.root, verify=resolved.store.verify)
     rows = []
-    for name, step in steps_for(resolved).items():
-        wanted = plan_key(step, resolved)
+    wanted: dict[str, set[str]] = {}  # store folder -> the keys this recipe uses (a control node's: its control's step)
+    for node, step in steps_for(resolved).items():
+        wanted.setdefault(artifact_name(node), set()).add(plan_key(step, resolved))
+    for name, keys in wanted.items():
         for key in store.keys(name):
             manifest = store.read_json(name, key, "manifest.json")
-            rows.append({"step": name, "key": key, "used_by_recipe": key == wanted, "rows": manifest["rows"],
+            rows.append({"step": name, "key": key, "used_by_recipe": key in keys, "rows": manifest["rows"],
                          "created_at": manifest["created_at"], "url": store.url(name, key)})
     if as_json:
         print(json.dumps(rows, indent=2))

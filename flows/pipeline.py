@@ -4,6 +4,11 @@
             -> tokenizer -> base model -> (dataset -> train) per stage    orca-train
             -> eval-base, eval-<stage> -> report                          orca-evaluate
 
+A recipe with a `control:` (tiny) also trains its answers-only control at the
+same budgets, as the nodes `control/<step>` (only the steps whose keys differ
+from the recipe's own), and the report calls "explanations beat answers" on
+the two final stages.
+
     orca run --recipe tiny [--set sources.seed=1] [--retry-failed]
 
 Steps run along the DAG: each starts once the steps it reads are done, at most
@@ -38,7 +43,7 @@ from flows.steps import run_steps
 from orca_core.plan import make_plan, markdown
 from orca_core.recipe import load_recipe, recipe_hash
 from orca_core.recipe.models import Recipe
-from orca_core.steps import DATA_STEPS, steps_for
+from orca_core.steps import DATA_STEPS, artifact_name, steps_for
 from tasks.step import NOT_RETRIED
 
 
@@ -52,7 +57,7 @@ def parts(recipe: Recipe) -> dict[str, list[str]]:
     """The step names of each part of the DAG, in run order."""
     names = list(steps_for(recipe))
     generate = [step.name for step in DATA_STEPS]
-    evaluate = [n for n in names if n.startswith("eval-") or n == "report"]
+    evaluate = [n for n in names if artifact_name(n).startswith("eval-") or n == "report"]  # control/eval-* too
     return {"generate": generate, "train": [n for n in names if n not in generate and n not in evaluate],
             "evaluate": evaluate}
 

@@ -19,6 +19,10 @@ teachers' traces, the evaluation of stage k while stage k+1 trains.
 - An error no retry can fix (`NOT_RETRIED`) starts nothing more: the steps
   running finish (a thread cannot be stopped; they are not retried), then the
   run fails.
+- A recipe's answers-only control (`control:`) adds the nodes `control/<step>`:
+  each runs as its control recipe's step (`orca_core.steps.runs_as`: key,
+  build and store folder), and its training waits for this recipe's last
+  stage (`dag_upstream`), so two trainings never share Ray's CPUs.
 - Fan-out steps that call real teacher endpoints take turns: each step's gate
   holds the endpoint's rate limits on its own. Oracle teachers (a server per
   step) overlap freely.
@@ -35,7 +39,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from orca_core.plan import reason
 from orca_core.recipe.models import Recipe
-from orca_core.steps import FANOUT_STEPS, Step, explain, plan_key, steps_for
+from orca_core.steps import FANOUT_STEPS, Step, dag_upstream, explain, plan_key, runs_as, steps_for
 from tasks.report import publish_report, publish_run_summary
 from tasks.step import NOT_RETRIED, PreparedStep, prepare_step, prefect_step, step_outcome, store_for
 
@@ -63,7 +67,7 @@ def run_steps(recipe: Recipe, names: list[str], retry_failed: bool = False,
         raise ValueError(f"unknown steps {unknown}; this recipe's steps: {list(known)}")
     steps = [known[name] for name in names]
     # Upstream steps outside this run (another part of the DAG) must be in the store already: not waited on.
-    needs = {step.name: tuple(u for u in step.upstream_of(recipe) if u in names) for step in steps}
+    needs = {step.name: tuple(u for u in dag_upstream(step, recipe, known) if u in names) for step in steps}
     rows = run_dag(recipe, steps, needs, retry_failed, summary_key)
     report = next((r for r in rows if r["step"] == "report"), None)
     if report is not None:
@@ -80,7 +84,8 @@ def run_dag(recipe: Recipe, steps: list[Step], needs: dict[str, tuple[str, ...]]
     limit = recipe.prefect.max_concurrent_steps
     run_started = time.perf_counter()
     rows: dict[str, dict[str, Any]] = {}
-    running: dict[PrefectFuture, tuple[PreparedStep, str]] = {}  # future -> (the step, why it runs)
+    # future -> (the step, why it runs, its node in the DAG, the recipe it runs under)
+    running: dict[PrefectFuture, tuple[PreparedStep, str, str, Recipe]] = {}
     futures: dict[str, PrefectFuture] = {}
     ended: dict[PrefectFuture, float] = {}
     failures: list[BaseException] = []
@@ -102,29 +107,30 @@ def run_dag(recipe: Recipe, steps: list[Step], needs: dict[str, tuple[str, ...]]
                                        f"upstream {', '.join(failed)} did not complete")
                 progressed = True
                 continue
-            if takes_turns(recipe, step) and any(takes_turns(recipe, p.step) for p, _ in running.values()):
+            if takes_turns(recipe, step) and any(takes_turns(recipe, p.step) for p, *_ in running.values()):
                 continue
             reason_now = why(recipe, step)
-            prepared = prepare_step(prefect_step(step), step, recipe, retry_failed)
+            inner, under = runs_as(step, recipe)  # a control node runs as its control recipe's step
+            prepared = prepare_step(prefect_step(inner), inner, under, retry_failed)
             future = runner.submit(prepared.task, prepared.parameters,
                                    wait_for=[futures[u] for u in upstream])  # done already: the edges Prefect shows
             future.add_done_callback(lambda f: ended.setdefault(f, time.perf_counter()))
-            running[future], futures[step.name] = (prepared, reason_now), future
+            running[future], futures[step.name] = (prepared, reason_now, step.name, under), future
             progressed = True
         return progressed
 
     def collect(future: PrefectFuture) -> None:
-        prepared, reason_now = running.pop(future)
+        prepared, reason_now, name, under = running.pop(future)
         future.wait()
-        started, end, name = prepared.started, ended.get(future, time.perf_counter()), prepared.step.name
+        started, end = prepared.started, ended.get(future, time.perf_counter())
         try:
-            outcome = step_outcome(prepared, future.state, recipe)
+            outcome = step_outcome(prepared, future.state, under)
             rows[name] = _row(name, outcome.state, outcome.key, reason_now, outcome.rows, outcome.ref.url)
         except Exception as err:  # noqa: BLE001 - any step's error: recorded, raised once the run ends
             rows[name] = _row(name, "Failed", prepared.key, f"{type(err).__name__}: {err}")
             failures.append(err)
         rows[name].update(seconds=round(end - started, 2), start=since_start(started), end=since_start(end))
-        logger.info("%-15s %-9s %s %.1fs (%s)", name, rows[name]["state"], prepared.key[:12], end - started,
+        logger.info("%-21s %-9s %s %.1fs (%s)", name, rows[name]["state"], prepared.key[:12], end - started,
                     rows[name]["why"])
 
     with ThreadPoolTaskRunner(max_workers=limit) as runner:

@@ -191,6 +191,8 @@ def _same_number(answer: str, gold: str) -> bool:
 def _scorer(generator: str) -> Any:
     import reasoning_gym
 
+    import orca_core.sources.serial  # noqa: F401  registers the suite's own generators and scorers
+
     return reasoning_gym.get_score_answer_fn(generator)
 
 

@@ -40,6 +40,33 @@ def traces_needed(stage: StageConfig) -> tuple[str, ...]:
     return {"flan": (), "orca1": ("filtered-orca1",), "orca2": ("filtered-orca1", "filtered-orca2")}[stage.data]
 
 
+# -- the answers-only control -----------------------------------------------------------
+CONTROL = "control/"  # the control's steps in this recipe's DAG: control/train-orca1 (orca_core/steps.py)
+
+
+def control_of(recipe: Recipe) -> Recipe | None:
+    """The recipe's control arm (`control:`), or None: this recipe with each stage's data from the twin recipe.
+
+    Everything else is this recipe's (seed, sources, model, step budgets, eval, and any --set applied to
+    it), so the two arms differ in their training targets alone; with a twin that only changes the
+    stages' data (configs/tiny-answers-only.yaml) the control's steps have the keys that
+    `orca run --recipe <twin>` gives them, and the artifacts are shared.
+    """
+    if recipe.control is None:
+        return None
+    from orca_core.recipe.load import load_recipe
+
+    twin = load_recipe(recipe.control)
+    ours, theirs = [s.name for s in recipe.curriculum.stages], [s.name for s in twin.curriculum.stages]
+    if ours != theirs:
+        raise ValueError(f"control: recipe {twin.name}'s stages {theirs} differ from {recipe.name}'s {ours}; "
+                         "a control trains the same stages, on other data")
+    stages = [stage.model_copy(update={"data": other.data, "orca1_replay_ratio": other.orca1_replay_ratio})
+              for stage, other in zip(recipe.curriculum.stages, twin.curriculum.stages)]
+    return recipe.model_copy(update={"name": twin.name, "description": twin.description, "control": None,
+                                     "curriculum": recipe.curriculum.model_copy(update={"stages": stages})})
+
+
 # -- tokenizer ------------------------------------------------------------------------
 def tokenizer_upstream(recipe: Recipe) -> tuple[str, ...]:
     if recipe.model.tokenizer.kind == "train_bpe":
@@ -75,8 +102,11 @@ def pretrained_files(settings: ModelConfig | TokenizerConfig) -> dict[str, str]:
 
 
 def tokenizer_reads(recipe: Recipe) -> dict[str, Any]:
-    cfg = recipe.model.tokenizer.model_dump(mode="json", exclude={"revision"})
-    return {"tokenizer": _pretrained_source(recipe.model.tokenizer, cfg)}
+    settings = recipe.model.tokenizer
+    # the default pre-tokenizer is left out, so recipes that do not set it keep their keys
+    default = ("pre_tokenizer",) if settings.pre_tokenizer == "digits" else ()
+    cfg = settings.model_dump(mode="json", exclude={"revision", *default})
+    return {"tokenizer": _pretrained_source(settings, cfg)}
 
 
 def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):
@@ -88,7 +118,7 @@ def build_tokenizer(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: S
     else:
         traces = [pq.read_table(upstream[name] / TRACES_FILE) for name in ("filtered-orca1", "filtered-orca2")]
         corpus = tokenizer.tokenizer_corpus(pq.read_table(upstream["sources"] / TRAIN_FILE), traces)
-        tok = tokenizer.train_bpe(corpus, cfg.vocab_size, out)
+        tok = tokenizer.train_bpe(corpus, cfg.vocab_size, out, cfg.pre_tokenizer)
     return {"vocab": len(tok)}, {"vocab_size": len(tok), "kind": cfg.kind}
 
 

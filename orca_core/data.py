@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from orca_core.packed import PACKED_SCHEMA, PackedRows
+from orca_core.sources.schema import ORCA1_SOURCES
 from orca_core.tokenizer import IM_END
 
 IGNORE = -100  # label of a token without loss
@@ -84,11 +85,15 @@ def _equal(**equal: str) -> pc.Expression:
     return reduce(lambda a, b: a & b, [pc.field(column) == value for column, value in equal.items()])
 
 
-def _scan(source: Source, what: str, made_of: tuple[list[str], dict], **equal: str) -> Iterator[pa.RecordBatch]:
-    """The rows of `source` whose columns equal `equal`, as examples (EXAMPLE_COLUMNS), in order, in batches."""
+def _scan(source: Source, what: str, made_of: tuple[list[str], dict], among: dict[str, tuple[str, ...]] | None = None,
+          **equal: str) -> Iterator[pa.RecordBatch]:
+    """The rows of `source` whose columns equal `equal` (and whose `among` columns hold one of the values given),
+    as examples (EXAMPLE_COLUMNS), in order, in batches."""
     read, projection = made_of
-    for batch in _batches(source, what, [*read, *equal]):
-        yield from ds.dataset(batch).to_batches(columns=projection, filter=_equal(**equal))
+    among = among or {}
+    where = reduce(lambda a, b: a & b, [pc.field(c).isin(list(v)) for c, v in among.items()], _equal(**equal))
+    for batch in _batches(source, what, [*read, *equal, *among]):
+        yield from ds.dataset(batch).to_batches(columns=projection, filter=where)
 
 
 def _count(source: Source, what: str, **equal: str) -> int:
@@ -121,7 +126,8 @@ def stage_example_batches(stage: str, sources_train: Source, orca1: Source | Non
                           replay_ratio: float, seed: int) -> Iterator[pa.RecordBatch]:
     """The examples of one curriculum stage (`flan`, `orca1` or `orca2`) as EXAMPLE_SCHEMA batches."""
     if stage == "flan":
-        return _indexed(_scan(sources_train, "sources", _FROM_SOURCE, split="train"))
+        # FLAN's answers: Orca 1's prompts only (Orca 2's few-shot and math rows are the orca2 stage's to explain).
+        return _indexed(_scan(sources_train, "sources", _FROM_SOURCE, among={"source": ORCA1_SOURCES}, split="train"))
     if stage == "orca1":
         if orca1 is None:
             raise ValueError("the orca1 stage needs Orca 1 traces")

@@ -24,7 +24,8 @@ from orca_core.context import StepContext
 from orca_core.keys import canonical_json, sha256_text
 from orca_core.prompts import PROMPTS_VERSION, STRATEGIES, orca1_data
 from orca_core.recipe.models import Recipe, TeacherEndpoint
-from orca_core.sources import HELDOUT_FILE, TRAIN_FILE
+from orca_core.sources import HELDOUT_FILE, TRAIN_FILE, mixture
+from orca_core.sources.schema import ORCA1_SOURCES
 from orca_core.teacher.fanout import FanoutIncomplete, FanoutPlan, FanoutReport, TraceTable, assemble, survey
 from orca_core.teacher.identity import endpoint_identity
 from orca_core.teacher.jobs import JOB_COLUMNS, orca1_jobs, orca2_jobs, selection_jobs
@@ -54,9 +55,16 @@ def _train_rows(sources: Path) -> list[dict[str, Any]]:
     return pq.read_table(sources / TRAIN_FILE).to_pylist()
 
 
-def _stream_rows(sources: Path, batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
-    """Train rows (the columns jobs read) batch by batch: a fan-out over millions of prompts never holds them all."""
+def _stream_rows(sources: Path, keep: Callable[[pa.RecordBatch, int], Any] | None = None,
+                 batch_rows: int = 4096) -> Iterator[dict[str, Any]]:
+    """Train rows (the columns jobs read; those `keep(batch, place of its first row)` marks) batch by batch: a
+    fan-out over millions of prompts never holds them all."""
+    start = 0
     for batch in pq.ParquetFile(sources / TRAIN_FILE).iter_batches(batch_size=batch_rows, columns=JOB_COLUMNS):
+        if keep is not None:
+            marked = keep(batch, start)
+            start += batch.num_rows
+            batch = batch.filter(marked)
         columns = [column.to_pylist() for column in batch.columns]
         yield from (dict(zip(JOB_COLUMNS, values)) for values in zip(*columns))
 
@@ -65,8 +73,8 @@ def _run_fanout(recipe: Recipe, plan: FanoutPlan, ctx: StepContext, sources: Pat
     """Survey the cache, send what it lacks (batch-mode roles through the Batch API), write the traces."""
     if ctx.request_cache is None:
         raise RuntimeError("this step sends teacher requests: it needs a request cache")
-    # Arrow's default pool (mimalloc) keeps the memory of the fan-out's many small shard writes and reads: the
-    # driver's RSS climbed ~270 B a request at 300K prompts; with the system allocator, a third of that.
+    # The system allocator for Arrow's Python-level calls too, also where pyarrow loaded before orca_core could
+    # choose its C++ default pool (orca_core/__init__.py says why: mimalloc kept the shard reads' memory).
     pa.set_memory_pool(pa.system_memory_pool())
     cache = RequestCache(ctx.request_cache)
     table = TraceTable(out_file)
@@ -172,7 +180,9 @@ def score_selection(traces: pa.Table, samples: list[dict]) -> list[dict]:
 # The fan-outs are functions of (recipe, upstream folders): the steps run them, `orca plan` prices them.
 def orca1_fanout(recipe: Recipe, sources: Path) -> FanoutPlan:
     endpoints = {"assistant": recipe.teachers.assistant, "strong": recipe.teachers.strong}
-    return _plan(lambda: orca1_jobs(_stream_rows(sources), recipe), endpoints)
+    orca1_pool = pa.array(ORCA1_SOURCES)  # Orca 1's prompts: not Orca 2's few-shot and math additions
+    return _plan(lambda: orca1_jobs(_stream_rows(sources, lambda b, _: pc.is_in(b["source"], value_set=orca1_pool)),
+                                    recipe), endpoints)
 
 
 def chosen_strategies(strategies: Path) -> dict[str, str]:
@@ -182,7 +192,10 @@ def chosen_strategies(strategies: Path) -> dict[str, str]:
 
 
 def orca2_fanout(recipe: Recipe, sources: Path, strategy_of: dict[str, str]) -> FanoutPlan:
-    return _plan(lambda: orca2_jobs(_stream_rows(sources), recipe, strategy_of), {"strong": recipe.teachers.strong})
+    """The orca2 stage's prompts: the rows of the sources' mixture (sources.mixture), or every row without one."""
+    drawn = mixture.drawn_rows(sources)
+    keep = None if drawn is None else (lambda b, start: pa.array(mixture.drawn_mask(drawn, start, b.num_rows)))
+    return _plan(lambda: orca2_jobs(_stream_rows(sources, keep), recipe, strategy_of), {"strong": recipe.teachers.strong})
 
 
 def build_orca1_traces(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):

@@ -37,7 +37,8 @@ from orca_core.recipe.load import recipe_hash
 from orca_core.recipe.models import Recipe
 from orca_core.schedule import optimizer_steps
 from orca_core.sources import TRAIN_FILE
-from orca_core.steps import Explanation, Step, components, explain, steps_for, upstream_digests
+from orca_core.steps import (Explanation, Step, artifact_name, components, explain, runs_as, steps_for,
+                             upstream_digests)
 from orca_core.store import ArtifactRef, ArtifactStore
 from orca_core.traces import RequestCache
 
@@ -143,10 +144,10 @@ def reason(explanation: Explanation) -> str:
 def step_status(store: ArtifactStore, checks: ReadOnlyChecks, step: Step, comps: dict[str, Any],
                 recipe: Recipe) -> tuple[str, str]:
     """(hit | miss, why), as `run_step` will decide: verified, and built from the upstream artifacts there now."""
-    key = step_key(comps)
-    status = checks.status(step.name, key)
+    key, stored = step_key(comps), artifact_name(step.name)  # a control node's artifact: its control's step
+    status = checks.status(stored, key)
     if status == "ok":
-        built_from = store.manifest(store.ref(step.name, key))["stats"].get("built_from", {})
+        built_from = store.manifest(store.ref(stored, key))["stats"].get("built_from", {})
         now = upstream_digests(store, comps, checks.lookup)  # an upstream still to build ("") may rebuild the same
         if any(digest and built_from.get(name) != digest for name, digest in now.items()):
             return "miss", "built from older upstream artifacts: rebuilt"
@@ -175,12 +176,14 @@ def make_plan(recipe: Recipe, names: list[str] | None = None) -> Plan:
         for name in names or list(known):
             status, why = step_status(store, checks, known[name], comps[name], recipe)
             plan = StepPlan(name, keys[name], status, why)
+            step, under = runs_as(known[name], recipe)  # a control node counts as its control's step
             if status == "miss":
                 if name in ("strategies", "traces-orca1", "traces-orca2"):
                     plan.teachers = fanout_work(name, recipe, built, cache, rows.estimated_groups())
-                elif name.startswith("train-"):
-                    plan.training = train_work(recipe, name.removeprefix("train-"), store, checks, keys, rows)
-                elif name.startswith("eval-"):
+                elif step.name.startswith("train-"):  # its dataset's key: in its own key's upstream
+                    plan.training = train_work(under, step.name.removeprefix("train-"), store, checks,
+                                               comps[name]["upstream"], rows)
+                elif step.name.startswith("eval-"):
                     eval_prompts = eval_prompts or eval_work(recipe, built["sources"])
                     plan.evaluation = eval_prompts
             planned.append(plan)

@@ -34,6 +34,7 @@ from orca_core.provenance import provenance
 from orca_core.recipe.models import Recipe
 from orca_core.sources import build_sources_step
 from orca_core.sources import flan as flan_source
+from orca_core.sources import math as math_source
 from orca_core.sources import procedural
 from orca_core.sources.procedural import reasoning_gym_version
 from orca_core.store import ArtifactRef, ArtifactStore
@@ -79,11 +80,21 @@ def _sources_reads(recipe: Recipe) -> dict[str, Any]:
             cfg["flan"]["revision"] = commit  # the commit loaded, not the branch named (orca_core/hub.py)
         else:
             cfg["flan"].pop("revision")  # local data: keyed by content
+    for orca2_only in ("few_shot", "math", "mixture"):  # absent: the key is the one without these fields
+        if cfg[orca2_only] is None:
+            cfg.pop(orca2_only)
+    if cfg.get("math"):
+        cfg["math"]["files"] = sorted(cfg["math"]["files"])  # task names; the files' content is in the inputs
+        if cfg["math"]["generators"]:
+            cfg["math"]["reasoning_gym"] = reasoning_gym_version()
     return {"sources": cfg}
 
 
 def _sources_inputs(recipe: Recipe) -> dict[str, Any]:
-    return {"flan_files": flan_source.input_hashes(recipe.sources.flan)} if recipe.sources.flan else {}
+    inputs = {"flan_files": flan_source.input_hashes(recipe.sources.flan)} if recipe.sources.flan else {}
+    if recipe.sources.math and recipe.sources.math.files:
+        inputs["math_files"] = math_source.input_hashes(recipe.sources.math)
+    return inputs
 
 
 SOURCES = Step("sources", version=1, reads=_sources_reads, build=build_sources_step, inputs=_sources_inputs)
@@ -170,9 +181,13 @@ def eval_steps(recipe: Recipe) -> list[Step]:
                  build=evaluation.build_eval_for(model_step), reads=evaluation.eval_reads, inputs=evaluation.eval_inputs,
                  code=GENERATION_CODE)
             for name, model_step in evaluation.models(recipe).items()]
-    report = Step("report", version=1, upstream=evaluation.report_upstream, build=evaluation.build_report,
+    # With a control, the report also reads both arms' training and the control's final evaluation
+    # (control_report_upstream); a recipe without one keeps its key.
+    report = Step("report", version=1,
+                  upstream=lambda r: tuple(dict.fromkeys((*evaluation.report_upstream(r), *control_report_upstream(r)))),
+                  build=evaluation.build_report,
                   reads=lambda r: {"models": list(evaluation.models(r)), "bootstrap_samples": r.eval.bootstrap_samples,
-                                   "seed": r.seed})
+                                   "seed": r.seed, **({"control": r.control} if r.control else {})})
     return [*made, report]
 
 
@@ -185,24 +200,113 @@ def checkpoint_eval_step(checkpoint: Path, name: str) -> Step:
                 inputs=lambda r: {"checkpoint": digest, **evaluation.eval_inputs(r)})
 
 
-def steps_for(recipe: Recipe) -> dict[str, Step]:
-    """Every step of the recipe's DAG, in run order."""
+def own_steps(recipe: Recipe) -> dict[str, Step]:
+    """The recipe's own steps (without its control's), in run order."""
     return {step.name: step for step in [*DATA_STEPS, TOKENIZER, BASE_MODEL, *curriculum_steps(recipe), *eval_steps(recipe)]}
+
+
+# -- the answers-only control (recipe `control:`) -------------------------------------------
+# The control's steps are the control recipe's own steps, keyed, built and stored under their own names
+# (`orca run --recipe <control>` finds them); in this DAG they are the nodes `control/<step>`. A control
+# step with the same key as this recipe's step of that name (sources, tokenizer, the first stage, ...)
+# is that step: it gets no node of its own.
+CONTROL = curriculum.CONTROL
+
+
+def runs_as(step: Step, recipe: Recipe) -> tuple[Step, Recipe]:
+    """The step and recipe a DAG node is keyed, built and stored as: a control node's are its control's."""
+    return _under_control(step.name, recipe) if step.name.startswith(CONTROL) else (step, recipe)
+
+
+def _under_control(node: str, recipe: Recipe) -> tuple[Step, Recipe]:
+    control = curriculum.control_of(recipe)
+    if control is None:
+        raise ValueError(f"step {node}: recipe {recipe.name} has no control")
+    return own_steps(control)[artifact_name(node)], control
+
+
+def artifact_name(node: str) -> str:
+    """The store folder of a DAG node's artifact: `control/train-orca1` is the control's `train-orca1`."""
+    return node.removeprefix(CONTROL)
+
+
+def _node(name: str, recipe: Recipe) -> Step:
+    """The Step behind a node name of this recipe's DAG, control nodes included."""
+    if not name.startswith(CONTROL):
+        return own_steps(recipe)[name]
+    return dataclasses.replace(_under_control(name, recipe)[0], name=name)
+
+
+def control_report_upstream(recipe: Recipe) -> tuple[str, ...]:
+    """What the report reads of the two arms for "explanations beat answers": every stage's training
+    (tokens and steps) in both, and the control's final stage's evaluation."""
+    if recipe.control is None:
+        return ()
+    stages = [s.name for s in recipe.curriculum.stages]
+    return (*(f"train-{s}" for s in stages), f"eval-{stages[-1]}", *(f"{CONTROL}train-{s}" for s in stages),
+            f"{CONTROL}eval-{stages[-1]}")
+
+
+def control_steps(recipe: Recipe, own: dict[str, Step]) -> list[Step]:
+    """The control's nodes: the control steps the report reads and their upstream, less those it shares."""
+    control = curriculum.control_of(recipe)
+    if control is None:
+        return []
+    theirs = own_steps(control)
+    wanted: set[str] = set()
+    pending = [artifact_name(n) for n in control_report_upstream(recipe) if n.startswith(CONTROL)]
+    while pending:  # the control's steps the report reaches
+        name = pending.pop()
+        if name not in wanted:
+            wanted.add(name)
+            pending.extend(theirs[name].upstream_of(control))
+    ours_keys, their_keys = {}, {}
+    shared = {name for name in wanted if name in own
+              and step_key(components(own[name], recipe, ours_keys)) == step_key(components(theirs[name], control, their_keys))}
+    return [dataclasses.replace(step, name=CONTROL + name) for name, step in theirs.items()
+            if name in wanted and name not in shared]
+
+
+def steps_for(recipe: Recipe) -> dict[str, Step]:
+    """Every node of the recipe's DAG, in run order: its own steps, then its control's, then the report."""
+    own = own_steps(recipe)
+    report = own.pop("report")
+    return {**own, **{step.name: step for step in control_steps(recipe, own)}, "report": report}
+
+
+def dag_upstream(step: Step, recipe: Recipe, nodes: dict[str, Step]) -> tuple[str, ...]:
+    """The nodes a node waits for: its upstream, a control step shared with this recipe as that step.
+
+    Scheduling only, never in a key: a control stage trains after this recipe's last stage, so two
+    trainings never ask Ray for the same CPUs at once.
+    """
+    inner, under = runs_as(step, recipe)
+    names = inner.upstream_of(under)  # a control node's: names in its control's DAG
+    prefix = CONTROL if step.name.startswith(CONTROL) else ""
+    found = []
+    for name in names:
+        node = name if name.startswith(CONTROL) else prefix + name
+        found.append(node if node in nodes else artifact_name(node))
+    if step.name.startswith(f"{CONTROL}train-"):
+        found.append(f"train-{recipe.curriculum.stages[-1].name}")
+    return tuple(dict.fromkeys(found))
 
 
 # -- keys ------------------------------------------------------------------------
 def components(step: Step, recipe: Recipe, _keys: dict[str, str] | None = None) -> dict[str, Any]:
-    """key.json of `step` under `recipe` (upstream keys computed recursively).
+    """key.json of `step` under `recipe` (upstream keys computed recursively); a control node's is its control's.
 
     Each upstream key is computed once per call: a key's inputs may hash large files (a FLAN dump),
     and every downstream step reaches `sources` through many paths.
     """
+    if step.name.startswith(CONTROL):
+        inner, control = runs_as(step, recipe)
+        return components(inner, control)
     keys = {} if _keys is None else _keys
-    known = steps_for(recipe)
     upstream = {}
     for name in step.upstream_of(recipe):
         if name not in keys:
-            keys[name] = step_key(components(known[name], recipe, keys))
+            keys[name] = step_key(components(_node(name, recipe), recipe, keys))
         upstream[name] = keys[name]
     return key_components(step.name, step.version, step.reads(recipe), upstream, step.inputs(recipe),
                           code_components(step.code_entries(recipe)))
@@ -228,7 +332,7 @@ def upstream_digests(store: ArtifactStore, comps: dict[str, Any],
     """
     digests = {}
     for name, key in comps["upstream"].items():
-        ref = (lookup or store.lookup)(name, key)
+        ref = (lookup or store.lookup)(artifact_name(name), key)
         digests[name] = sha256_text(canonical_json(store.manifest(ref)["files"])) if ref else ""
     return digests
 
@@ -263,6 +367,7 @@ def run_step(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, 
 
     `force` rebuilds even a verified artifact (the old one is kept under `.superseded/`).
     """
+    step, recipe = runs_as(step, recipe)
     started = time.perf_counter()
     ctx = ctx or StepContext()
     comps = comps or components(step, recipe)
@@ -283,7 +388,7 @@ def _build(store: ArtifactStore, step: Step, recipe: Recipe, comps: dict[str, An
            started: float) -> StepResult:
     upstream_dirs = {}
     for name, upstream_key in comps["upstream"].items():
-        upstream_ref = store.lookup(name, upstream_key)
+        upstream_ref = store.lookup(artifact_name(name), upstream_key)
         if upstream_ref is None:
             raise RuntimeError(f"step {step.name}: upstream {name}/{upstream_key[:12]} is not in the store; run it first")
         upstream_dirs[name] = store.local_dir(upstream_ref)
@@ -338,6 +443,7 @@ class Explanation:
 
 def explain(store: ArtifactStore, step: Step, recipe: Recipe) -> Explanation:
     """Would `step` hit the cache, and if not, which key components differ from the nearest artifact."""
+    step, recipe = runs_as(step, recipe)
     comps = components(step, recipe)
     key = step_key(comps)
     status = store.check(step.name, key)

@@ -5,7 +5,8 @@ Orca 2 trains on ChatML conversations and adds `[PAD]`, `<|im_start|>` and
 also the end-of-sequence token the student learns to emit. A small student
 trained from scratch gets its own byte-level BPE (any text encodes, nothing
 maps to an unknown token) with digits split one per token, the usual choice
-for arithmetic: a number's tokens are its digits, whatever the merges learnt.
+for arithmetic: a number's tokens are its digits, whatever the merges learnt
+(or, with `characters`, every character but lowercase letters: see PRE_TOKENIZERS).
 A base model's tokenizer loads from a local folder, or from the hub (or its
 local cache) at the commit the tokenizer step is keyed on (orca_core/hub.py).
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD, IM_START, IM_END = "[PAD]", "<|im_start|>", "<|im_end|>"
@@ -48,13 +49,30 @@ def make_chatml_ready(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizer
     return tokenizer
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+# How text is cut before BPE merges. "digits": digits one per token, other characters merge freely.
+# "characters": every character but a lowercase letter is a token of its own (digits, capitals,
+# punctuation, newlines, a space before any of them), so a fixed-width trace ("AB>C", one per line)
+# is as many tokens as it has characters, whatever the merges learnt, and operands sit at constant
+# token offsets. A lowercase word with its leading space may still merge: words are the instructions
+# and Orca 1's wrappers, not operands, and merged words keep long system messages short in the budget.
+PRE_TOKENIZERS = ("digits", "characters")
+
+
+def _pre_tokenizer(kind: str) -> pre_tokenizers.PreTokenizer:
+    if kind == "digits":
+        first = pre_tokenizers.Digits(individual_digits=True)
+    elif kind == "characters":
+        first = pre_tokenizers.Split(Regex(r" ?[a-z]+|[^a-z]"), behavior="isolated")
+    else:
+        raise ValueError(f"model.tokenizer.pre_tokenizer: {kind!r} is not one of {list(PRE_TOKENIZERS)}")
+    return pre_tokenizers.Sequence([first, pre_tokenizers.ByteLevel(add_prefix_space=False)])
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, pre_tokenizer: str = "digits"
+              ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and save it to `out_dir` (loadable with AutoTokenizer)."""
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+    bpe.pre_tokenizer = _pre_tokenizer(pre_tokenizer)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

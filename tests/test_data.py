@@ -21,6 +21,8 @@ from orca_core.packed import PACKED_SCHEMA, PackedRows
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import to_table
+from orca_core.sources.serial import GENERATORS
+from orca_core.sources.suite import SUITE
 from orca_core.tokenizer import CHATML_TEMPLATE, IM_END, make_chatml_ready, tokenizer_corpus, train_bpe
 from orca_core.traces import TRACE_SCHEMA
 
@@ -30,7 +32,8 @@ STRATEGY_PROMPT = "Solve it step by step, then state the final answer."
 
 @pytest.fixture(scope="module")
 def train_rows() -> list[dict]:
-    return generate_suite(None, 20, 0, seed=0)[0]
+    # the twelve reasoning-gym families the golden digests below were recorded on (not serial.py's)
+    return generate_suite([n for n, f in SUITE.items() if f.generator not in GENERATORS], 20, 0, seed=0)[0]
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +117,15 @@ def test_flan_stage_uses_original_targets(sources, train_rows):
     for example, row in zip(examples, train_rows):
         assert example == {"system": "", "user": row["inputs"], "assistant": row["targets"],
                            "task_name": row["task_name"], "source_id": row["id"]}
+
+
+def test_flan_stage_leaves_orca2s_few_shot_and_math_rows_out(train_rows):
+    """FLAN's answers are Orca 1's prompts: few-shot and math rows are only the orca2 stage's to explain."""
+    origins = ["procedural", "flan", "flan_few_shot", "math"]
+    rows = [{**row, "source": origins[k % 4]} for k, row in enumerate(train_rows)]
+    examples = stage_examples("flan", to_table(rows), None, None, 0.0, 0)
+    assert [e["source_id"] for e in examples] == [r["id"] for r in rows if r["source"] in ("procedural", "flan")]
+    assert len(examples) == len(train_rows) // 2
 
 
 def test_orca1_stage_takes_kept_assistant_teacher_traces(sources, orca1):

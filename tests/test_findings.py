@@ -131,3 +131,83 @@ def test_strategy_summary_and_the_findings_plot(tmp_path):
     findings.plot(curricula, "empty", None, None, tmp_path / "alone.png")
     wide, narrow = Image.open(tmp_path / "findings.png"), Image.open(tmp_path / "alone.png")
     assert wide.size[0] > 1.8 * narrow.size[0] and narrow.size[1] == wide.size[1]
+
+
+def _budget(control_tokens: int) -> dict:
+    """tiny-like arms: the same steps; the main arm's 2 stages 1,000 + 3,000 non-pad tokens."""
+    main = {"flan": {"steps": 2, "tokens": 1000, "label_tokens": 100},
+            "orca2": {"steps": 6, "tokens": 3000, "label_tokens": 1500}}
+    control = {"flan": main["flan"], "orca2": {"steps": 6, "tokens": control_tokens - 1000, "label_tokens": 150}}
+    return findings.token_budget(main, control)
+
+
+def test_tokens_trained_and_the_budget_of_both_arms():
+    metrics = pd.DataFrame({"step": [1, 2, 3], "tokens": [4000, 3900, 4096], "label_tokens": [900, 850, 1000]})
+    assert findings.tokens_trained(metrics) == {"steps": 3, "tokens": 11996, "label_tokens": 2750}
+    with pytest.raises(ValueError, match=r"no column\(s\) \['label_tokens'\]"):
+        findings.tokens_trained(metrics.drop(columns="label_tokens"))
+    budget = _budget(4060)
+    assert budget["main"] == {"steps": 8, "tokens": 4000, "label_tokens": 1600}
+    assert budget["control"] == {"steps": 8, "tokens": 4060, "label_tokens": 250}
+    assert budget["difference"] == pytest.approx(0.015) and budget["matched"]
+    assert not _budget(4100)["matched"] and not _budget(3900)["matched"]  # 2.5% apart: not the same budget
+    assert findings.budget_table(budget)[1] == [
+        ["main", "flan", "2", "1,000", "100"], ["main", "orca2", "6", "3,000", "1,500"],
+        ["control", "flan", "2", "1,000", "100"], ["control", "orca2", "6", "3,060", "150"],
+        ["main", "total", "8", "4,000", "1,600"], ["control", "total", "8", "4,060", "250"]]
+    with pytest.raises(ValueError, match="different stages"):
+        findings.token_budget({"flan": budget["main"]}, {"orca2": budget["main"]})
+
+
+def test_explanations_beat_answers_only_when_paired_above_zero_at_the_same_budget():
+    explained, answers = _examples(40, "empty"), _examples(20, "empty")
+    names = ("orca2", "tiny-answers-only/orca2")
+    same = findings.explanations_vs_answers(explained, answers, "empty", _budget(4060), names=names)
+    assert (same["difference"], same["vs"], same["pairs"], same["holds"]) == (0.2, "above", 200, True)
+    assert [same["difference_low"], same["difference_high"]] == pytest.approx([0.145, 0.255])  # golden, seed 0
+    assert findings.control_verdict(same) == (
+        "**Holds**: orca2 is +20.0 [14.5, 25.5] pts above its answers-only control tiny-answers-only/orca2 on the "
+        "same 200 items (95% CI above 0); non-pad training tokens 4,000 (explanations) vs 4,060 (answers only), "
+        "+1.5%: the same budget within 2%.")
+    assert findings.control_table(same) == (
+        ["task", "items", "orca2 - answers only, pts [95% CI]", "call"],
+        [["t1", "100", "+20.0 [12.0, 28.0]", "above"], ["t2", "100", "+20.0 [12.0, 28.0]", "above"],
+         ["all (macro)", "200", "+20.0 [14.5, 25.5]", "above"]])  # per family: 20 more right of 100 each
+    # the control saw 5% fewer tokens: not the same budget, and the finding does not hold
+    fewer = findings.explanations_vs_answers(explained, answers, "empty", _budget(3800), names=names)
+    assert not fewer["holds"] and findings.control_verdict(fewer) == (
+        "**Does not hold**: orca2 vs its answers-only control tiny-answers-only/orca2: the control trained on fewer "
+        "tokens (difference +20.0 [14.5, 25.5] pts); non-pad training tokens 4,000 (explanations) vs 3,800 "
+        "(answers only), -5.0%: the budgets differ by more than 2%.")
+    more = findings.explanations_vs_answers(explained, answers, "empty", _budget(4400), names=names)
+    assert more["holds"] and "+10.0%: the budgets differ by more than 2%." in findings.control_verdict(more)
+    tie = findings.explanations_vs_answers(answers, answers, "empty", _budget(4000), names=names)
+    assert (tie["difference"], tie["vs"], tie["holds"]) == (0.0, "no difference", False)
+    assert "the paired difference is +0.0 [0.0, 0.0] pts (no difference)" in findings.control_verdict(tie)
+
+
+def test_strategy_verdict_holds_when_every_family_follows_its_teacher():
+    follows = {"families": 4, "student_strategies": 3, "teacher_strategies": 3, "follows": 0.8125,
+               "families_following": 4, "n": 1000}
+    assert findings.strategy_holds(follows)
+    assert findings.strategy_verdict(follows, "orca2", "native") == (
+        "**Holds**: given only the generic system message (native), orca2 answers in each of the 4 families mostly "
+        "in the shape of the strategy its teacher used there (81.2% of its 1000 answers in the teacher's shape; "
+        "3 strategies across families, the teacher 3).")
+    three = {**follows, "families_following": 3}
+    assert not findings.strategy_holds(three)
+    assert findings.strategy_verdict(three, "orca2", "native") == (
+        "**Does not hold**: orca2's most used shape is the teacher's in 3 of 4 families (81.2% of its 1000 answers "
+        "in the teacher's shape, native system message).")
+    assert not findings.strategy_holds({**follows, "families": 0, "families_following": 0})
+
+
+def test_the_findings_plot_shows_the_control_per_family(tmp_path):
+    summary, examples = _results({"flan": 10, "orca1": 30, "orca2": 45})
+    curricula = {"empty": findings.curriculum(summary, examples, MODELS[1:], "empty")}
+    control = findings.explanations_vs_answers(_examples(40, "empty"), _examples(20, "empty"), "empty", _budget(4060),
+                                               names=("orca2", "answers/orca2"))
+    findings.plot(curricula, "empty", None, None, tmp_path / "two.png", control)
+    findings.plot(curricula, "empty", None, None, tmp_path / "one.png")
+    two, one = Image.open(tmp_path / "two.png"), Image.open(tmp_path / "one.png")
+    assert two.size[0] > 1.8 * one.size[0] and two.size[1] == one.size[1]

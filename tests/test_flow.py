@@ -152,11 +152,55 @@ def test_the_report_states_the_findings_with_seed_recipe_hash_and_example_counts
     assert [row.split(" | ")[0] for row in table[2:]] == ["| base", "| flan", "| orca1", "| orca2"]
     assert all(row.split(" | ")[2:4] == ["40", "8"] for row in table[2:])
     two = text[text.index("## Finding 2"):text.index("## Finding 3")]
-    families = two[two.index("| task family |"):].split("\n\n")[0].splitlines()[2:]
+    assert "orca compare smoke " in two and "control" not in found  # smoke names no control
+    three = text[text.index("## Finding 3"):]
+    assert ("**Holds**" in three) == usage["holds"] == (usage["families_following"] == usage["families"])
+    families = three[three.index("| task family |"):].split("\n\n")[0].splitlines()[2:]
     assert len(families) == 8 and all(row.endswith("| 5 |") for row in families)
-    assert "orca compare smoke " in text
+    assert [v["number"] for v in found["verdicts"]] == [1, 3]
     html = (report / "report.html").read_text()
     assert "Finding 1: each curriculum stage improves on the last" in html and "findings.png" in html
+
+
+def test_a_control_trains_beside_the_recipe_and_the_report_calls_all_three_findings(store, monkeypatch):
+    """smoke with tiny's answers-only control: the control's own steps run as DAG nodes beside smoke's (the
+    steps it shares are smoke's, Cached), and the report calls finding 2 on both arms' tokens."""
+    monkeypatch.setenv("ORCA_FAKE_TEACHER_KEY", FAKE_KEY)
+    overrides = [f"store.root={store}", *KEYED, "control=tiny-answers-only"]
+    outcomes = {o["step"]: o for o in orca_pipeline(recipe="smoke", overrides=overrides)}
+    control = ["control/dataset-orca1", "control/train-orca1", "control/dataset-orca2", "control/train-orca2",
+               "control/eval-orca2"]
+    assert list(outcomes) == [*DAG[:-1], *control, "report"]  # shared: sources ... train-flan, eval-flan
+    assert all(outcomes[s]["state"] == "Completed" for s in control)
+    assert outcomes["control/train-orca1"]["start"] >= outcomes["train-orca2"]["end"]  # one training at a time
+    assert "/train-orca2/" in outcomes["control/train-orca2"]["artifact"]  # stored as the control's own step
+    report = Path(outcomes["report"]["artifact"])
+    found = json.loads((report / "findings.json").read_text())
+    result = found["control"]
+    assert result["main"] == "orca2" and result["control"] == "tiny-answers-only/orca2" and result["pairs"] == 40
+    assert len(result["by_task"]) == 8 and all(t["n"] == 5 for t in result["by_task"])
+    assert result["difference_low"] <= result["difference"] <= result["difference_high"]
+    budget = result["budget"]
+    for arm, prefix in (("main", ""), ("control", "control/")):  # both arms' tokens: their metrics, summed
+        for stage in ("flan", "orca1", "orca2"):
+            node = outcomes.get(f"{prefix}train-{stage}") or outcomes[f"train-{stage}"]  # train-flan: shared
+            metrics = pq.read_table(Path(node["artifact"]) / "metrics.parquet").to_pandas()
+            row = next(r for r in budget["stages"] if r["arm"] == arm and r["stage"] == stage)
+            assert row == {"arm": arm, "stage": stage, "steps": len(metrics), "tokens": int(metrics["tokens"].sum()),
+                           "label_tokens": int(metrics["label_tokens"].sum())}
+    flan = [r for r in budget["stages"] if r["stage"] == "flan"]
+    assert flan[0] | {"arm": ""} == flan[1] | {"arm": ""}  # the same train-flan artifact
+    main, answers = budget["main"], budget["control"]
+    assert budget["difference"] == pytest.approx(answers["tokens"] / main["tokens"] - 1)
+    assert answers["label_tokens"] < main["label_tokens"]  # answers only: far fewer tokens to learn from
+    # smoke trains one epoch a stage: the arms' budgets differ, and the finding must say so
+    assert budget["matched"] == (abs(budget["difference"]) <= 0.02) is False
+    assert [v["number"] for v in found["verdicts"]] == [1, 2, 3]
+    assert found["verdicts"][1]["holds"] == result["holds"] == (result["vs"] == "above" and budget["difference"] > 0)
+    text = (report / "report.md").read_text()
+    two = text[text.index("## Finding 2"):text.index("## Finding 3")]
+    assert "the budgets differ by more than 2%" in two and f"{main['tokens']:,} (explanations)" in two
+    assert "| all (macro) | 40 |" in two and two.count("| main |") == two.count("| control |") == 4  # 3 stages + total
 
 
 def test_a_changed_field_reruns_only_the_steps_that_read_it(store, monkeypatch):

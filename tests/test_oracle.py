@@ -296,3 +296,40 @@ def test_multi_digit_additions_are_written_column_by_column():
     assert column_addition(47, 38) == ["ones: 7 + 8 = 15, write 5, carry 1", "tens: 4 + 3 + 1 = 8, write 8"]
     assert column_addition(95, 87)[-1] == "hundreds: write the carry 1"
     assert column_addition(120, 15) == ["ones: 0 + 5 = 5, write 5", "tens: 2 + 1 = 3, write 3", "hundreds: 1 = 1, write 1"]
+
+
+def test_serial_families_get_fixed_width_step_traces(http, url, rows):
+    shell, coin = by_task(rows, "shell_game"), by_task(rows, "coin_moves")
+    for row in shell + coin:
+        text = content(http, url, "good", strategy("step-by-step", row))
+        *steps, last = text.split("\n")
+        assert last == f"So the answer is {row['answer']}."
+        meta = json.loads(row["metadata"])
+        if row["task_name"] == "shell_game":  # "AB>C": the swap, then the ball's cup after it
+            assert steps == [f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"])]
+            assert all(re.fullmatch(r"[A-E]{2}>[A-E]", s) for s in steps) and len(steps) == 5
+        else:  # the move, then the side after it
+            assert steps == [m + side for m, side in zip(meta["moves"], meta["sides"])] and len(steps) == 10
+            assert all(re.fullmatch(r"[FK][HT]", s) for s in steps) and steps[-1][1] == row["answer"]
+    assert content(http, url, "good", strategy("step-by-step", shell[0])) == "\n".join(
+        [*(f"{s}>{c}" for s, c in zip(*(json.loads(shell[0]["metadata"])[k] for k in ("swaps", "path")))),
+         f"So the answer is {shell[0]['answer']}."])
+
+
+def test_orca1_explains_what_orca2_answers_directly(http, url, rows):
+    # The Orca 2 strategy per family against Orca 1's messages for its sub-collection (cot: 6, 11, 16;
+    # flan2021: 3, 4, 7): longer, wrapped, in prose; the steps still there on the serial families.
+    largest = by_task(rows, "max_of_two")[0]
+    direct = content(http, url, "good", strategy("direct-answer", largest))
+    assert direct == largest["answer"]
+    for message in (3, 4, 7):
+        text = content(http, url, "good", chat(orca1_system_message(message), largest["inputs"]))
+        assert final_answer(text) == largest["answer"] and len(text.splitlines()) >= 3 and "digit" in text
+    coin = by_task(rows, "coin_moves")[0]
+    trace = content(http, url, "good", strategy("step-by-step", coin))
+    meta = json.loads(coin["metadata"])
+    for message in (6, 11, 16):
+        text = content(http, url, "good", chat(orca1_system_message(message), coin["inputs"]))
+        assert text != trace and len(text) > len(trace) and final_answer(text) == coin["answer"]
+        steps = re.findall(r"\b([FK][HT])\.", text)  # each step a sentence of its own
+        assert steps == [m + side for m, side in zip(meta["moves"], meta["sides"])]

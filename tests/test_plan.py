@@ -219,3 +219,26 @@ def test_prompt_counters_by_endpoint_kind_never_download():
     assert azure.basis.startswith("tiktoken cl100k_base (approximately o200k_base") and azure.count(hello) == 9
     vllm = prompt_counter(TeacherEndpoint(kind="vllm", model="m", base_url="http://127.0.0.1:9/v1", rpm=10))
     assert vllm.basis == "chars/4 estimate" and vllm.count(hello) == 3 + 4  # ceil(11 / 4) + 4 a message
+
+
+def test_a_control_is_planned_as_its_own_steps_keyed_as_the_control_recipe_runs_them(tmp_path):
+    tiny = load_recipe("tiny", [f"store.root={tmp_path}"])
+    steps = _by_step(make_plan(tiny))
+    control = [name for name in steps if name.startswith("control/")]
+    assert control == ["control/dataset-orca1", "control/train-orca1", "control/dataset-orca2", "control/train-orca2",
+                       "control/eval-orca2"]  # what differs from tiny's own steps; list(steps)[-1] is the report
+    assert list(steps)[-1] == "report" and all(steps[name].status == "miss" for name in control)
+    budgets = [s.steps for s in tiny.curriculum.stages[1:]]
+    assert [steps[f"{arm}train-{s}"].training.optimizer_steps for arm in ("", "control/") for s in ("orca1", "orca2")] \
+        == budgets * 2  # the same step budgets in both arms
+    twin = _by_step(make_plan(load_recipe("tiny-answers-only", [f"store.root={tmp_path}"])))
+    assert {name: steps[name].key for name in control} == {f"control/{n}": twin[n].key for n in
+                                                           ("dataset-orca1", "train-orca1", "dataset-orca2",
+                                                            "train-orca2", "eval-orca2")}
+    assert steps["train-flan"].key == twin["train-flan"].key and steps["train-orca1"].key != twin["train-orca1"].key
+    listed = runner.invoke(app, ["plan", "--recipe", "tiny", "--set", f"store.root={tmp_path}"])
+    assert listed.exit_code == 0 and "control/train-orca2" in listed.output
+    with pytest.raises(ValueError, match=r"control: recipe tiny-answers-only's stages \['flan', 'orca1', 'orca2'\] "
+                                         r"differ from tiny's \['flan', 'orca2'\]"):
+        make_plan(load_recipe("tiny", [f"store.root={tmp_path}", "eval.models=[flan]",
+                                       "curriculum.stages=[{name: flan, data: flan, steps: 1}, {name: orca2, data: orca2, steps: 1}]"]))

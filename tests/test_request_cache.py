@@ -276,3 +276,35 @@ def test_resolving_a_chunk_opens_only_new_shards_whatever_the_cache_size(tmp_pat
     write_shards(cache, [[row("new1")], [row("new2")]])
     assert OPENS.during(folder, lambda: found.update(cache.load(["new1", "new2"]))) == 2  # only what is new
     assert {"new1", "new2"} <= set(found)
+
+
+
+ALLOCATOR_PROBE = textwrap.dedent("""
+    import sys
+    from orca_core.traces import RequestCache
+    import pyarrow as pa
+    cache = RequestCache(sys.argv[1], index_dir=sys.argv[2])
+    writer = cache.writer("t", flush_rows=50, flush_seconds=10**9)
+    for i in range(500):
+        writer.add({"request_id": str(i), "teacher_model": "m", "response": "x" * 200, "status": "ok",
+                    "created_at": "2026-01-01T00:00:00.000+00:00"})
+    cache.refresh()  # reads every shard and merges them (compaction)
+    print(pa.default_memory_pool().backend_name, pa.mimalloc_memory_pool().max_memory(), len(cache.load()))
+""")
+
+
+@pytest.mark.parametrize("preset", [None, "mimalloc"])
+def test_shard_io_uses_the_system_allocator_unless_the_user_sets_one(tmp_path, preset):
+    """Parquet reader/writer properties take Arrow's C++ default pool, which pyarrow cannot be handed: importing
+    orca_core makes it the system allocator (mimalloc kept that memory: a driver's RSS grew with its run)."""
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if preset:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = preset
+    done = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE, str(tmp_path / "requests"), str(tmp_path / "index")],
+                          env=env, capture_output=True, text=True, check=True)
+    backend, mimalloc_peak, rows = done.stdout.split()
+    assert int(rows) == 500
+    if preset:  # the user's setting wins, and the probe sees mimalloc used when it is
+        assert (backend, int(mimalloc_peak) > 0) == ("mimalloc", True)
+    else:
+        assert (backend, int(mimalloc_peak)) == ("system", 0)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import reasoning_gym
 
+from orca_core.answers import is_correct
 from orca_core.sources import build_sources
 from orca_core.sources.procedural import generate_suite
 from orca_core.sources.schema import FLAN_COLUMNS, SOURCE_SCHEMA, normalize_question, parse_options
@@ -104,3 +105,56 @@ def test_build_writes_parquet_with_counts(smoke, tmp_path):
     assert stats["train_by_sub_collection"] == {"cot": 40, "flan2021": 40, "niv2": 40, "t0": 40}
     assert stats["heldout_by_task"]["syllogism"] == 5
     assert set(train["split"].to_pylist()) == {"train"} and set(heldout["split"].to_pylist()) == {"heldout"}
+
+
+# -- our own serial generators (orca_core/sources/serial.py) ---------------------------------------
+SERIAL = ("shell_game", "coin_moves", "max_of_two")
+
+
+def test_serial_generators_are_seeded_golden_and_fixed_width():
+    shell = reasoning_gym.create_dataset("shell_game", size=3, seed=5)
+    assert shell[0]["question"] == ("Cups A-E; a ball is under cup E. Swaps: C-E, E-A, D-B, A-B, A-C. "
+                                    "Which cup is the ball under?")
+    assert shell[0]["answer"] == "A" and shell[0]["metadata"]["path"] == ["C", "C", "C", "C", "A"]
+    coin = reasoning_gym.create_dataset("coin_moves", size=3, seed=5)
+    assert coin[0]["question"] == ("A coin shows T. Moves (F flips it, K keeps it): "
+                                   "K, F, K, F, F, F, F, K, K, F. Which side is up?")
+    assert coin[0]["answer"] == "T"  # six flips from T
+    largest = reasoning_gym.create_dataset("max_of_two", size=1, seed=5)[0]
+    assert largest["question"] == "Which number is larger, 737 or 361?"
+    for name in SERIAL:  # same seed, same items; every question of a family as wide as the others
+        items = list(reasoning_gym.create_dataset(name, size=200, seed=11))
+        assert items == list(reasoning_gym.create_dataset(name, size=200, seed=11))
+        assert len({len(item["question"]) for item in items}) == 1, name
+
+
+def test_serial_golds_replay_the_moves(suite_rows):
+    train, heldout, _ = suite_rows
+    rows = {name: [r for r in train + heldout if r["task_name"] == name] for name in SERIAL}
+    for row in rows["shell_game"]:
+        meta = json.loads(row["metadata"])
+        cup = meta["start"]
+        for a, b in meta["swaps"]:
+            cup = {a: b, b: a}.get(cup, cup)
+        assert row["answer"] == cup and len(meta["swaps"]) == 5
+    for row in rows["coin_moves"]:
+        meta = json.loads(row["metadata"])
+        flipped = {"H": "T", "T": "H"}[meta["start"]]
+        assert row["answer"] == (meta["start"] if meta["moves"].count("F") % 2 == 0 else flipped)
+    for row in rows["max_of_two"]:
+        meta = json.loads(row["metadata"])
+        assert row["answer"] == str(max(meta["a"], meta["b"])) and meta["a"] != meta["b"]
+    row = rows["coin_moves"][0]  # evaluation finds our scorers by generator name, like reasoning-gym's own
+    other = {"H": "T", "T": "H"}[row["answer"]]
+    assert is_correct(row["answer"], row["answer"], generator="coin_moves", metadata=row["metadata"])
+    assert not is_correct(other, row["answer"], generator="coin_moves", metadata=row["metadata"])
+
+
+def test_serial_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="shell_game: cups must be 2..8, got 9"):
+        reasoning_gym.create_dataset("shell_game", size=1, seed=0, cups=9)
+    with pytest.raises(ValueError, match="coin_moves: moves must be >= 1"):
+        generate_suite(["coin_moves"], 5, 5, seed=0, overrides={"coin_moves": {"moves": 0}})
+    # 2 sides x 2^3 move strings: 16 questions, fewer than asked for
+    with pytest.raises(ValueError, match="coin_moves.*yields only"):
+        generate_suite(["coin_moves"], 20, 5, seed=0, overrides={"coin_moves": {"moves": 3}})

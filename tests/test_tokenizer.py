@@ -156,3 +156,36 @@ def test_prepare_pretrained_keeps_tokens_already_there(folder, tok, tmp_path):
     assert prepared.convert_tokens_to_ids(SPECIAL_TOKENS) == [0, 1, 2]
     assert prepared.apply_chat_template(messages(), tokenize=False) == CHATML
     assert prepared(CHATML)["input_ids"] == tok(CHATML)["input_ids"]
+
+
+# -- the "characters" pre-tokenizer (tiny): content characters are single tokens --------------------
+TRACE = "BD>E\nEA>A\nEB>A\nBC>A\nCA>C\nSo the answer is C."
+
+
+@pytest.fixture(scope="module")
+def chars(sources, tmp_path_factory) -> PreTrainedTokenizerFast:
+    corpus = [*tokenizer_corpus(sources, []), *[TRACE] * 50]
+    return train_bpe(corpus, VOCAB, tmp_path_factory.mktemp("chars"), pre_tokenizer="characters")
+
+
+def test_characters_pre_tokenizer_keeps_traces_fixed_width(chars):
+    pieces = lambda text: [chars.decode([i]) for i in chars(text, add_special_tokens=False)["input_ids"]]  # noqa: E731
+    # every step line is its 4 characters, however often the corpus repeats it
+    assert [pieces(line) for line in TRACE.split("\n")[:5]] == [list(line) for line in TRACE.split("\n")[:5]]
+    question = "Cups A-E; a ball is under cup E. Swaps: C-E, E-A, D-B, A-B, A-C. Which cup is the ball under?"
+    content = [p for p in pieces(question) if not p.strip().islower()]
+    assert all(len(p.strip()) <= 1 for p in content), content  # capitals, digits, symbols: one token each
+    assert " ball" in pieces(question) and " answer" in pieces(TRACE)  # lowercase words still merge
+    assert pieces("12 + 345 = 357") == ["1", "2", " ", "+", " ", "3", "4", "5", " ", "=", " ", "3", "5", "7"]
+    assert chars.decode(chars(question + "\n" + TRACE)["input_ids"]) == question + "\n" + TRACE
+
+
+def test_the_default_pre_tokenizer_merges_capitals_and_keeps_its_keys(tok):
+    from orca_core.curriculum import tokenizer_reads
+    from orca_core.recipe import load_recipe
+
+    assert tok.tokenize("Which A-E") == ["Which", "ĠA", "-", "E"]  # "digits" merges capitals and spaces in
+    assert "pre_tokenizer" not in tokenizer_reads(load_recipe("smoke"))["tokenizer"]  # smoke's keys stay
+    assert tokenizer_reads(load_recipe("tiny"))["tokenizer"]["pre_tokenizer"] == "characters"
+    with pytest.raises(ValueError, match="model.tokenizer.pre_tokenizer: 'words'"):
+        train_bpe(["text"], VOCAB, Path("unused"), pre_tokenizer="words")

@@ -2,12 +2,14 @@
 
 1. Each curriculum stage beats the one before it on the macro average: the
    paired difference on the items both answered has a 95 % CI above 0
-   (`curriculum`).
+   (`curriculum`), with the same per task family.
 2. Explanation tuning beats answer imitation at the same token budget: a
-   recipe's final stage against an answers-only recipe's (`paired`, used by
-   `orca compare`).
+   recipe's final stage against its answers-only control's, trained beside it
+   (`explanations_vs_answers`, with the tokens each arm trained on:
+   `tokens_trained`), or against another recipe's (`paired`, `orca compare`).
 3. The final student picks a strategy per task family when it is given only
-   the generic system message (`strategy_usage.usage`, summarised here).
+   the generic system message (`strategy_usage.usage`, summarised and called
+   here: `strategy_summary`, `strategy_verdict`).
 
 Each function returns plain rows (lists of dicts) that the report renders as
 tables and plots. Every model is scored on the same items, so a step is judged
@@ -109,6 +111,88 @@ def ordering_holds(rows: Sequence[dict[str, Any]]) -> bool:
     return len(rows) > 1 and all(r["vs_previous"] == ABOVE for r in rows[1:])
 
 
+# Finding 2 is judged at the same token budget: the arms' non-pad training tokens may differ by this much.
+BUDGET_TOLERANCE = 0.02
+
+
+def tokens_trained(metrics: pd.DataFrame) -> dict[str, int]:
+    """A stage's optimizer steps, non-pad tokens and label (loss) tokens, from its metrics.parquet (a row a step)."""
+    missing = {"tokens", "label_tokens"} - set(metrics.columns)
+    if missing:
+        raise ValueError(f"metrics.parquet has no column(s) {sorted(missing)}")
+    return {"steps": int(len(metrics)), "tokens": int(metrics["tokens"].sum()),
+            "label_tokens": int(metrics["label_tokens"].sum())}
+
+
+def token_budget(main: Mapping[str, Mapping[str, int]], control: Mapping[str, Mapping[str, int]],
+                 tolerance: float = BUDGET_TOLERANCE) -> dict[str, Any]:
+    """Both arms' training, per stage (`tokens_trained` of each) and in total, and whether the budgets match.
+
+    `difference`: the control's non-pad tokens over the main arm's, minus 1; `matched` when within `tolerance`.
+    """
+    if list(main) != list(control):
+        raise ValueError(f"the arms trained different stages: {list(main)} and {list(control)}")
+    fields = ("steps", "tokens", "label_tokens")
+    rows = [{"arm": arm, "stage": stage, **{f: int(counts[f]) for f in fields}}
+            for arm, stages in (("main", main), ("control", control)) for stage, counts in stages.items()]
+    total = {arm: {f: sum(r[f] for r in rows if r["arm"] == arm) for f in fields} for arm in ("main", "control")}
+    difference = total["control"]["tokens"] / total["main"]["tokens"] - 1 if total["main"]["tokens"] else float("inf")
+    return {"stages": rows, "main": total["main"], "control": total["control"], "difference": difference,
+            "matched": abs(difference) <= tolerance, "tolerance": tolerance}
+
+
+def explanations_vs_answers(main: pd.DataFrame, control: pd.DataFrame, system_message: str,
+                            budget: dict[str, Any], *, names: tuple[str, str], samples: int = 1000,
+                            seed: int = 0) -> dict[str, Any]:
+    """Finding 2: the main arm's final stage minus the control's, paired on the held-out items both answered.
+
+    `main` / `control`: their per-example results; each is judged under the headline `system_message`
+    (the one it was trained toward). Holds when the difference's 95% CI is above 0 and the control trained
+    on at least the main arm's tokens (within `budget["tolerance"]`, or more): a control that saw fewer
+    tokens than the main arm cannot show that explanations beat answers at the same budget.
+    """
+    result = paired(main, control, system_message, samples=samples, seed=seed, names=names)
+    fair = budget["matched"] or budget["difference"] > 0
+    return {**result, "main": names[0], "control": names[1], "system_message": system_message,
+            "budget": budget, "holds": result["vs"] == ABOVE and fair}
+
+
+def control_verdict(result: dict[str, Any]) -> str:
+    """One sentence: do explanations beat answers (paired CI above 0), and were the budgets the same?"""
+    budget = result["budget"]
+    cell = difference_cell(result["difference"], result["difference_low"], result["difference_high"])
+    tokens = (f"non-pad training tokens {budget['main']['tokens']:,} (explanations) vs {budget['control']['tokens']:,}"
+              f" (answers only), {'+' if budget['difference'] >= 0 else ''}{100 * budget['difference']:.1f}%")
+    same = (f"{tokens}: the same budget within {100 * budget['tolerance']:.0f}%" if budget["matched"] else
+            f"{tokens}: the budgets differ by more than {100 * budget['tolerance']:.0f}%")
+    if result["holds"]:
+        return (f"**Holds**: {result['main']} is {cell} pts above its answers-only control {result['control']} "
+                f"on the same {result['pairs']} items (95% CI above 0); {same}.")
+    why = (f"the paired difference is {cell} pts ({result['vs']})" if result["vs"] != ABOVE else
+           f"the control trained on fewer tokens (difference {cell} pts)")
+    return f"**Does not hold**: {result['main']} vs its answers-only control {result['control']}: {why}; {same}."
+
+
+def control_table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per task family: the main arm's final stage minus the control's, pts [95% CI], and the call."""
+    header = ["task", "items", f"{result['main']} - answers only, pts [95% CI]", "call"]
+    body = [[t["task"], str(t["n"]), difference_cell(t["difference"], t["low"], t["high"]), t["vs"]]
+            for t in result["by_task"]]
+    body.append(["all (macro)", str(result["pairs"]), difference_cell(result["difference"], result["difference_low"],
+                                                                     result["difference_high"]), result["vs"]])
+    return header, body
+
+
+def budget_table(budget: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per arm and stage: optimizer steps, non-pad tokens, label (loss) tokens; then each arm's total."""
+    header = ["arm", "stage", "steps", "tokens (non-pad)", "label tokens"]
+    body = [[r["arm"], r["stage"], f"{r['steps']:,}", f"{r['tokens']:,}", f"{r['label_tokens']:,}"]
+            for r in budget["stages"]]
+    body += [[arm, "total", f"{t['steps']:,}", f"{t['tokens']:,}", f"{t['label_tokens']:,}"]
+             for arm, t in (("main", budget["main"]), ("control", budget["control"]))]
+    return header, body
+
+
 def strategy_summary(table: pd.DataFrame, system_message: str) -> dict[str, Any]:
     """From strategy_usage.usage(): families, distinct strategies of student and teacher, share that follows."""
     rows = table[table["system_message"] == system_message]
@@ -123,6 +207,25 @@ def strategy_summary(table: pd.DataFrame, system_message: str) -> dict[str, Any]
         "families_following": int((rows["student_shape"] == rows["teacher_shape"]).sum()),
         "n": int(rows["n"].sum()),
     }
+
+
+def strategy_holds(summary: dict[str, Any]) -> bool:
+    """Finding 3 holds when, in every family, the student's most used shape is the one its teacher was told to use."""
+    return summary["families"] > 0 and summary["families_following"] == summary["families"]
+
+
+def strategy_verdict(summary: dict[str, Any], model: str, system_message: str) -> str:
+    """One sentence: does the final student use its teacher's strategy in every family, given the generic message?"""
+    if not summary["families"]:
+        return f"No {system_message!r} answers of {model} to read strategies from."
+    share = f"{100 * (summary['follows'] or 0):.1f}% of its {summary['n']} answers in the teacher's shape"
+    if strategy_holds(summary):
+        return (f"**Holds**: given only the generic system message ({system_message}), {model} answers in each of the "
+                f"{summary['families']} families mostly in the shape of the strategy its teacher used there "
+                f"({share}; {summary['student_strategies']} strategies across families, the teacher "
+                f"{summary['teacher_strategies']}).")
+    return (f"**Does not hold**: {model}'s most used shape is the teacher's in {summary['families_following']} of "
+            f"{summary['families']} families ({share}, {system_message} system message).")
 
 
 # -- rendering: the report's Findings sections and findings.png ------------------------------------
@@ -187,8 +290,9 @@ def strategy_table(table: pd.DataFrame, system_message: str) -> tuple[list[str],
 
 
 def plot(curricula: dict[str, list[dict[str, Any]]], headline: str, usage: pd.DataFrame | None,
-         usage_message: str | None, path) -> None:
+         usage_message: str | None, path, control: dict[str, Any] | None = None) -> None:
     """Left: macro accuracy per stage with 95% CIs, one line per system message (the headline one bold).
+    Then (with a control): the final stage minus the answers-only control per family, paired, 95% CIs.
     Right (with strategy usage): share of the student's answers in each shape, per task family."""
     import matplotlib
 
@@ -198,7 +302,8 @@ def plot(curricula: dict[str, list[dict[str, Any]]], headline: str, usage: pd.Da
 
     from orca_core.eval.strategy_usage import SHAPES
 
-    panels = 2 if usage is not None and len(usage) else 1
+    with_usage = usage is not None and len(usage)
+    panels = 1 + bool(control) + bool(with_usage)
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, 4.4), squeeze=False)
     ax = axes[0, 0]
     for i, (message, rows) in enumerate(curricula.items()):
@@ -215,8 +320,23 @@ def plot(curricula: dict[str, list[dict[str, Any]]], headline: str, usage: pd.Da
     ax.set_title(f"each stage vs the last (95% CI, {n} examples each)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
-    if panels == 2:
+    if control:
         ax = axes[0, 1]
+        rows = [*control["by_task"], {"task": "all (macro)", "difference": control["difference"],
+                                      "low": control["difference_low"], "high": control["difference_high"]}]
+        y = np.arange(len(rows))[::-1]
+        diff = np.array([100 * r["difference"] for r in rows])
+        ax.errorbar(diff, y, xerr=[diff - [100 * r["low"] for r in rows], [100 * r["high"] for r in rows] - diff],
+                    fmt="o", capsize=4, color="C2")
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(y, [r["task"] for r in rows], fontsize=8)
+        ax.set_xlabel("difference, pts (paired, 95% CI)")
+        ax.set_title(f"{control['main']} minus answers-only {control['control']}\n"
+                     f"({control['budget']['main']['tokens']:,} vs {control['budget']['control']['tokens']:,} "
+                     "training tokens)", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    if with_usage:
+        ax = axes[0, panels - 1]
         rows = usage.set_index("task")
         shares = np.array([[rows.loc[t, f"share_{s}"] for s in SHAPES] for t in rows.index])
         ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, aspect="auto")

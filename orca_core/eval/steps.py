@@ -183,6 +183,32 @@ def findings(recipe: Recipe, summary: pd.DataFrame, examples: dict[str, pd.DataF
                              "headline_system_message": headline, "curriculum": rows,
                              "ordering_holds": F.ordering_holds(rows)}
     final, column = _orca2_stage(recipe), generic_message_column(recipe)
+    control = _control_finding(recipe, examples, upstream, headline, bootstrap)
+    stats["verdicts"] = [{"number": 1, "finding": "curriculum", "holds": F.ordering_holds(rows), "verdict": F.verdict(rows)}]
+    if control is None:
+        answers_only = all(s.data == "flan" for s in recipe.curriculum.stages)
+        sections.append(Section(
+            "Finding 2: explanations beat answers at the same token budget",
+            [f"This recipe is an answers-only control: run the recipe it controls, then `orca compare <that recipe> "
+             f"{recipe.name}`." if answers_only else
+             "This recipe names no `control:` (an answers-only twin trained beside it, as tiny does): run one, "
+             f"then `orca compare {recipe.name} <answers-only recipe>` gives the paired difference of their final "
+             "stages with its 95% CI."]))
+    else:
+        stats["control"] = control
+        stats["verdicts"].append({"number": 2, "finding": "explanations beat answers", "holds": control["holds"],
+                                  "verdict": F.control_verdict(control)})
+        sections.append(Section(
+            "Finding 2: explanations beat answers at the same token budget",
+            [F.control_verdict(control),
+             f"{control['main']} against its control {control['control']}: the same recipe, seed, sources, "
+             "tokenizer and step budgets, trained on the answers alone in every stage. Paired item by item on "
+             f"the held-out set, each under the {headline} system message; per task family below, then the "
+             "training each arm saw."],
+            F.control_table(control)))
+        sections.append(Section("Finding 2: the training each arm saw",
+                                ["Non-pad tokens are the token budget; label tokens are the ones the loss is taken on."],
+                                F.budget_table(control["budget"])))
     table = None
     if final in names and column is not None:
         examples = pq.read_table(upstream[f"eval-{final}"] / EXAMPLES_FILE,
@@ -192,10 +218,14 @@ def findings(recipe: Recipe, summary: pd.DataFrame, examples: dict[str, pd.DataF
         traces = traces[(traces["verdict"] == "kept") & (traces["stage"] == "orca2")]
         table = usage(examples, traces)
         summary_row = F.strategy_summary(table, column)
-        stats["strategy_usage"] = {"system_message": column, "model": final, **summary_row}
+        stats["strategy_usage"] = {"system_message": column, "model": final, **summary_row,
+                                   "holds": F.strategy_holds(summary_row)}
+        stats["verdicts"].append({"number": 3, "finding": "strategy per family", "holds": F.strategy_holds(summary_row),
+                                  "verdict": F.strategy_verdict(summary_row, final, column)})
         sections.append(Section(
-            "Finding 2: the student picks a strategy per task family",
-            [f"Stage {final}, given only the generic system message ({column}), answers "
+            "Finding 3: the student picks a strategy per task family",
+            [F.strategy_verdict(summary_row, final, column),
+             f"Stage {final}, given only the generic system message ({column}), answers "
              f"{100 * (summary_row['follows'] or 0):.1f}% of {summary_row['n']} held-out prompts in the shape of "
              f"the strategy its teacher was told to use for that family; its most used shape matches the "
              f"teacher's in {summary_row['families_following']} of {summary_row['families']} families, and it "
@@ -204,17 +234,27 @@ def findings(recipe: Recipe, summary: pd.DataFrame, examples: dict[str, pd.DataF
              f"orca_core/eval/strategy_usage.py."],
             F.strategy_table(table, column)))
     F.plot(curricula, headline, None if table is None else table[table["system_message"] == column], column,
-           out / "findings.png")
-    answers_only = all(s.data == "flan" for s in recipe.curriculum.stages)
-    sections.append(Section(
-        "Finding 3: explanations beat answers at the same token budget",
-        [f"This recipe is an answers-only control: run the recipe it controls, then `orca compare <that recipe> "
-         f"{recipe.name}`." if answers_only else
-         "Measured by a second recipe that trains every stage on answers only, with this recipe's step budget "
-         "(configs/tiny-answers-only.yaml is tiny's): run both, then "
-         f"`orca compare {recipe.name} <answers-only recipe>` gives the paired difference of their final stages "
-         "with its 95% CI."]))
+           out / "findings.png", control)
     return sections, stats
+
+
+def _control_finding(recipe: Recipe, examples: dict[str, pd.DataFrame], upstream: dict[str, Path], headline: str,
+                     bootstrap: dict[str, int]) -> dict[str, Any] | None:
+    """Finding 2 from the control trained beside this recipe (`control:`), or None without one."""
+    from orca_core.curriculum import CONTROL, control_of
+
+    control = control_of(recipe)
+    final = recipe.curriculum.stages[-1].name
+    if control is None or f"{CONTROL}eval-{final}" not in upstream:
+        return None
+    def trained(prefix: str) -> dict[str, dict[str, int]]:
+        return {s.name: F.tokens_trained(pd.read_parquet(upstream[f"{prefix}train-{s.name}"] / "metrics.parquet"))
+                for s in recipe.curriculum.stages}
+    theirs = pq.read_table(upstream[f"{CONTROL}eval-{final}"] / EXAMPLES_FILE, columns=F.PAIRED_COLUMNS).to_pandas()
+    mine = examples[final] if final in examples else pq.read_table(
+        upstream[f"eval-{final}"] / EXAMPLES_FILE, columns=F.PAIRED_COLUMNS).to_pandas()
+    return F.explanations_vs_answers(mine, theirs, headline, F.token_budget(trained(""), trained(CONTROL)),
+                                     names=(final, f"{control.name}/{final}"), **bootstrap)
 
 
 def build_report(recipe: Recipe, upstream: dict[str, Path], out: Path, ctx: StepContext):

@@ -112,15 +112,82 @@ class FlanSources(Section):
         return counts
 
 
+class FewShotSources(Section):
+    """Orca 2's few-shot prompts: tasks of the FLAN collection (`flan`) as k-shot prompts of the same task.
+
+    A task is drawn uniformly, then a target row of it (as Orca 1's sampler); its shots are k other rows of
+    that task (k uniform in [min_shots, max_shots]), never the target, never a held-out question.
+    """
+
+    count: int = Field(gt=0)  # prompts to build (Orca 2: 55K)
+    min_shots: int = Field(3, gt=0)
+    max_shots: int = Field(5, gt=0)
+    small_tasks: Literal["error", "skip"] = "error"  # a task with under min_shots + 1 rows: fail, or leave it out
+
+    @model_validator(mode="after")
+    def _shots_range(self) -> FewShotSources:
+        if self.max_shots < self.min_shots:
+            raise ValueError(f"max_shots ({self.max_shots}) must be >= min_shots ({self.min_shots})")
+        return self
+
+
+# reasoning-gym's DeepMind-Mathematics-style arithmetic/algebra datasets and its GSM-style word problems.
+MathGenerator = Literal[
+    "basic_arithmetic", "chain_sum", "decimal_chain_sum", "products", "decimal_arithmetic", "complex_arithmetic",
+    "fraction_simplification", "simple_equations", "polynomial_equations", "polynomial_multiplication", "gcd", "lcm",
+    "prime_factorization", "power_function", "base_conversion", "count_primes", "gsm_symbolic",
+]
+
+
+class MathSources(Section):
+    """Orca 2's math: reasoning-gym generators and GSM8K-style JSONL files, as rows of task `math/<name>`."""
+
+    generators: dict[MathGenerator, Annotated[int, Field(gt=0)]] = {}  # dataset -> rows to generate
+    generator_options: dict[MathGenerator, dict[str, Any]] = {}  # dataset -> reasoning-gym settings
+    # task name -> JSONL files (globs) of {"question": ..., "answer": "... #### 42"} lines (GSM8K, AddSub, ...)
+    files: dict[str, list[str]] = {}
+
+    @model_validator(mode="after")
+    def _something(self) -> MathSources:
+        if not self.generators and not self.files:
+            raise ValueError("set `generators` and/or `files`")
+        if unused := sorted(set(self.generator_options) - set(self.generators)):
+            raise ValueError(f"generator_options for {unused}, which `generators` does not name")
+        return self
+
+
+class Orca2Mixture(Section):
+    """Rows of each origin (the source rows' `source`) the orca2 stage draws; null = all of them, 0 = none.
+
+    Drawn as Orca 1's sampler does (a task uniformly, then a row). Orca 2: ~602K zero-shot FLAN, 55K
+    few-shot, ~160K math. Without a mixture the orca2 stage draws every train row.
+    """
+
+    flan: int | None = Field(None, ge=0)  # zero-shot FLAN, from the Orca 1 sample
+    flan_few_shot: int | None = Field(None, ge=0)  # few_shot's prompts
+    math: int | None = Field(None, ge=0)
+    procedural: int | None = Field(None, ge=0)
+
+
 class SourcesConfig(Section):
     seed: int = 0
     procedural: ProceduralSources | None = None
     flan: FlanSources | None = None
+    few_shot: FewShotSources | None = None  # Orca 2's few-shot FLAN prompts (needs `flan`)
+    math: MathSources | None = None  # Orca 2's math rows
+    mixture: Orca2Mixture | None = None  # what the orca2 stage draws; null = every train row
 
     @model_validator(mode="after")
     def _at_least_one(self) -> SourcesConfig:
-        if self.procedural is None and self.flan is None:
-            raise ValueError("set at least one of `procedural` or `flan`")
+        if self.procedural is None and self.flan is None and self.math is None:
+            raise ValueError("set at least one of `procedural`, `flan` or `math`")
+        if self.few_shot is not None and self.flan is None:
+            raise ValueError("few_shot builds prompts from the FLAN collection: set `flan` too")
+        if self.mixture is not None:
+            for origin, section in (("flan", "flan"), ("flan_few_shot", "few_shot"), ("math", "math"),
+                                    ("procedural", "procedural")):
+                if getattr(self.mixture, origin) and getattr(self, section) is None:
+                    raise ValueError(f"mixture.{origin} asks for rows but `{section}` is not set")
         return self
 
 
@@ -274,6 +341,9 @@ class TokenizerConfig(Section):
     revision: str | None = None  # pins a hub `path`: a commit, or a branch/tag resolved at planning (as model.revision)
     gguf_file: str | None = None  # pretrained: the tokenizer inside this GGUF file of `path` (as model.gguf_file)
     vocab_size: int = Field(2048, gt=0)  # train_bpe only
+    # train_bpe only: "digits" (digits one per token) or "characters" (every character but lowercase
+    # letters one per token, so fixed-width traces stay fixed-width: orca_core/tokenizer.py)
+    pre_tokenizer: Literal["digits", "characters"] = "digits"
 
     _package = field_validator("path")(_installed_package)
 
@@ -283,6 +353,8 @@ class TokenizerConfig(Section):
             raise ValueError("revision pins a pretrained tokenizer's hub `path`; kind is 'train_bpe'")
         if self.gguf_file is not None and self.kind != "pretrained":
             raise ValueError("gguf_file names a file of a pretrained tokenizer's `path`; kind is 'train_bpe'")
+        if self.pre_tokenizer != "digits" and self.kind != "train_bpe":
+            raise ValueError("pre_tokenizer applies to a trained tokenizer; kind is 'pretrained'")
         return self
 
     def location(self) -> str | None:
@@ -455,6 +527,10 @@ class Recipe(Section):
     curriculum: CurriculumConfig
     train: TrainConfig
     eval: EvalConfig = EvalConfig()
+    # An answers-only twin (a recipe name or YAML path) the flow trains beside this recipe at its budgets, for
+    # the finding "explanations beat answers": the twin gives each stage's data, this recipe all else
+    # (orca_core/curriculum.py: control_of).
+    control: str | None = None
 
     @model_validator(mode="after")
     def _eval_models_exist(self) -> Recipe:

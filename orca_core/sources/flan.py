@@ -38,12 +38,12 @@ SUB_COLLECTION = {"cot": "cot", "niv2": "niv2", "flan2021": "flan2021", "flan": 
                   "t0": "t0", "p3": "t0", "dialog": "dialog"}
 
 
-def expand_paths(patterns: list[str]) -> list[Path]:
+def expand_paths(patterns: list[str], field: str = "sources.flan.paths") -> list[Path]:
     paths: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(str(Path(pattern).expanduser())))
         if not matches:
-            raise FileNotFoundError(f"sources.flan.paths: no file matches {pattern!r}")
+            raise FileNotFoundError(f"{field}: no file matches {pattern!r}")
         paths += [Path(m) for m in matches]
     return paths
 
@@ -125,22 +125,35 @@ def cap_per_task(rows: np.ndarray, task_ids: np.ndarray, cap: int, rng: np.rando
     return np.sort(rows[order[rank < cap]])
 
 
-def sample_orca1(table: pa.Table, cfg: FlanSources, seed: int) -> tuple[pa.Table, dict[str, Any]]:
-    """Apply Orca 1's sampling rules; returns the sampled rows (source schema) and stats."""
-    rng = np.random.default_rng(seed)
-    pool_size = table.num_rows
-    if cfg.zero_shot_only:
-        table = table.filter(pc.starts_with(table["template_type"], "zs"))
+def zero_shot(table: pa.Table) -> pa.Table:
+    return table.filter(pc.starts_with(table["template_type"], "zs"))
+
+
+def sub_collections(table: pa.Table) -> np.ndarray:
+    """Each row's sub-collection (cot, niv2, flan2021, t0, dialog) from its `task_source`, however spelled."""
     source_codes = pc.dictionary_encode(table["task_source"]).combine_chunks()
     spelled = source_codes.dictionary.to_pylist()
     normalized = [SUB_COLLECTION.get(s.lower().replace("/", "").replace(" ", "")) for s in spelled]
     unknown = sorted(s for s, n in zip(spelled, normalized) if n is None)
     if unknown:
         raise ValueError(f"sources.flan: unknown task_source values {unknown}; expected CoT, NIv2, Flan2021, T0/P3, Dialog")
-    sub = np.array(normalized, dtype=object)[source_codes.indices.to_numpy(zero_copy_only=False)]
-    task_codes = pc.dictionary_encode(table["task_name"]).combine_chunks()
-    task_names = np.array(task_codes.dictionary.to_pylist(), dtype=object)
-    tasks = task_codes.indices.to_numpy(zero_copy_only=False)  # an int per row
+    return np.array(normalized, dtype=object)[source_codes.indices.to_numpy(zero_copy_only=False)]
+
+
+def task_codes(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(task names, an index into them per row): tasks as ints, so millions of rows group fast."""
+    codes = pc.dictionary_encode(table["task_name"]).combine_chunks()
+    return np.array(codes.dictionary.to_pylist(), dtype=object), codes.indices.to_numpy(zero_copy_only=False)
+
+
+def sample_orca1(table: pa.Table, cfg: FlanSources, seed: int) -> tuple[pa.Table, dict[str, Any]]:
+    """Apply Orca 1's sampling rules; returns the sampled rows (source schema) and stats."""
+    rng = np.random.default_rng(seed)
+    pool_size = table.num_rows
+    if cfg.zero_shot_only:
+        table = zero_shot(table)
+    sub = sub_collections(table)
+    task_names, tasks = task_codes(table)
     t0_excluded = re.compile(cfg.t0_exclude_task_pattern)
     picked: list[np.ndarray] = []
     stats: dict[str, Any] = {"pool_rows": pool_size, "zero_shot_rows": table.num_rows, "by_sub_collection": {}}

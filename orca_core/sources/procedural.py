@@ -18,6 +18,7 @@ from typing import Any
 import reasoning_gym
 
 from orca_core.keys import sha256_text
+from orca_core.sources import serial  # noqa: F401  registers our own generators with reasoning-gym
 from orca_core.sources.schema import format_options, normalize_question, row_id
 from orca_core.sources.suite import SUITE, TASK_SOURCE, Family
 

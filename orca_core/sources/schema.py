@@ -20,17 +20,21 @@ SOURCE_SCHEMA = pa.schema(
         ("targets", pa.string()),
         ("task_source", pa.string()),  # FLAN-v2's spelling: CoT, NIv2, T0, Flan2021
         ("task_name", pa.string()),
-        ("template_type", pa.string()),  # zs_opt, zs_noopt (fs_* are not kept)
-        ("sub_collection", pa.string()),  # cot, niv2, t0, flan2021: picks Orca 1 system messages
+        ("template_type", pa.string()),  # zs_opt, zs_noopt; fs_opt, fs_noopt for the few-shot builder's prompts
+        ("sub_collection", pa.string()),  # cot, niv2, t0, flan2021 (math: math rows): picks Orca 1 system messages
         ("split", pa.string()),  # train | heldout
         ("answer", pa.string()),  # gold
         ("options", pa.list_(pa.string())),  # multiple choice options, [] otherwise
         ("multiple_choice", pa.bool_()),
-        ("source", pa.string()),  # procedural | flan
+        ("source", pa.string()),  # the row's origin: procedural | flan (zero-shot) | flan_few_shot | math
         ("generator", pa.string()),  # reasoning-gym dataset ("" for FLAN rows)
         ("metadata", pa.string()),  # JSON: generator metadata (what the oracle and scorers need)
     ]
 )
+
+# The origins of the Orca 1 pool: the rows the Orca 1 traces are asked for. Few-shot and math rows are
+# Orca 2's additions, for the orca2 stage (which draws from every origin: sources.mixture).
+ORCA1_SOURCES = ("procedural", "flan")
 
 _SPACE = re.compile(r"\s+")
 # FLAN's zero-shot-with-options templates end with an "OPTIONS:" dash list.

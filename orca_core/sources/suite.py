@@ -1,10 +1,15 @@
 """The procedural offline suite: reasoning-gym generators shaped like FLAN-v2.
 
-Twelve task families in four sub-collections, each chosen so that a
+Fifteen task families in four sub-collections, each chosen so that a
 different Orca 2 strategy suits it: arithmetic and word problems want
 step-by-step, passage questions want extract-generate, facts want recall,
 trivial transforms want a direct answer. `strategy` is the suite's default
 task -> strategy map; a recipe may override it (`prompts.strategies`).
+
+Three families come from our own generators (`serial.py`), sized for tiny:
+two inherently serial ones (shell_game, coin_moves) whose compact step trace
+a 1M-parameter student learns while the direct answer stays near chance, and
+max_of_two, a one-comparison task a direct answer solves best.
 
 Unique questions per family with these settings (20,000 draws): most give
 16K-20K; calendar_weekday_mc ~8.5K; caesar_cipher ~1.7K (its text corpus is
@@ -62,5 +67,12 @@ SUITE: dict[str, Family] = {
         # Flan2021-like: extraction from a passage, classification.
         Family("needle_haystack", "needle_haystack", "flan2021", "extract-generate", {"max_num_statements": 12}),
         Family("syllogism", "syllogism", "flan2021", "explain-then-answer", choices=("Yes", "No"), n_choices=2),
+        # Inherently serial (our generators): one fixed-width step per state change. CoT, so Orca 1
+        # explains them in its step-by-step messages (#6, #11, #16).
+        Family("shell_game", "shell_game", "cot", "step-by-step", {"cups": 5, "swaps": 5}),
+        Family("coin_moves", "coin_moves", "cot", "step-by-step", {"moves": 10}),
+        # One comparison: answered directly. Flan 2021, whose Orca 1 messages (#3, #4, #7) all ask for
+        # long explanations, the contrast Orca 2's per-task strategy is about.
+        Family("max_of_two", "max_of_two", "flan2021", "direct-answer", {"digits": 3}),
     ]
 }
