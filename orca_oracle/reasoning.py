@@ -338,6 +338,33 @@ def _syllogism(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reason
                       "negative conclusion."), tuple(steps), premises)
 
 
+def _shell_game(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
+    """One fixed-width step per swap: the two cups, then where the ball is after it ("AB>C")."""
+    return Reasoning(("Each swap exchanges the two cups it names; the ball moves only when its cup is one of them.",),
+                     tuple(f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"], strict=True)))
+
+
+def _coin_moves(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
+    """One step per move: the move, then the side up after it ("FT"), as wide as the move's "F, " in the prompt.
+
+    Copying the move into the step keeps both operands of the next step local (the side and the move
+    just before it): the side alone per step ("T") was not learnt within tiny's budget (probe: 52% on
+    10 moves, chance, against 100% for the shell game's "AB>C" steps).
+    """
+    steps = tuple(f"{move}{side}" for move, side in zip(meta["moves"], meta["sides"], strict=True))
+    return Reasoning(("F turns the coin over and K leaves it as it is, so each move decides the side from the one "
+                      "before it.",), steps)
+
+
+def _max_of_two(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
+    a, b = str(meta["a"]), str(meta["b"])
+    place = next(i for i in range(len(a)) if a[i] != b[i])  # same digit count: the first digit that differs
+    return Reasoning(("Of two numbers with the same number of digits, the larger one has the larger digit at the "
+                      "first place where they differ.",),
+                     (f"{a} and {b} first differ at digit {place + 1}: {a[place]} against {b[place]}",
+                      f"{max(a[place], b[place])} is the larger digit, so {max(int(a), int(b))} is the larger number"))
+
+
 def generic(row: dict[str, Any]) -> Reasoning:
     """Rows without usable metadata (FLAN rows, unknown families)."""
     return Reasoning(("Read the instruction and the input closely; the answer must satisfy the instruction.",),
@@ -350,6 +377,7 @@ _FAMILIES: dict[str, Callable[[dict[str, Any], dict[str, Any], str], Reasoning]]
     "spell_backward": _spell_backward, "letter_counting": _letter_counting, "base_conversion": _base_conversion,
     "caesar_cipher": _caesar, "calendar_weekday_mc": _weekday, "family_relationships_mc": _family,
     "needle_haystack": _needle, "syllogism": _syllogism,
+    "shell_game": _shell_game, "coin_moves": _coin_moves, "max_of_two": _max_of_two,
 }
 
 
