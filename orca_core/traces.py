@@ -18,7 +18,9 @@ No secrets here: rows carry the endpoint's model name, never its URL or key.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -99,11 +101,32 @@ def request_id(teacher: str, messages: list[dict[str, str]], temperature: float,
     revision, oracle settings and code). `sample` n > 0: the n-th extra answer to the same prompt
     (sample 0 keeps the plain id).
     """
+    fast = _canonical_request(teacher, messages, temperature, top_p, max_tokens, sample)
+    if fast is not None:
+        return sha256_text(fast)
     request = {"teacher": teacher, "messages": messages, "temperature": temperature, "top_p": top_p,
                "max_tokens": max_tokens}
     if sample:
         request["sample"] = sample
     return sha256_text(canonical_json(request))
+
+
+_string = json.encoder.encode_basestring  # the escaping json.dumps(ensure_ascii=False) uses (C-accelerated)
+
+
+def _canonical_request(teacher: str, messages: list[dict[str, str]], temperature: float, top_p: float,
+                       max_tokens: int, sample: int) -> str | None:
+    """canonical_json of the request, written out for the usual shape (a fifth of a cached fan-out's time went to
+    json.dumps); None for anything else, which takes the general path. The same text, byte for byte (tested)."""
+    if not (type(teacher) is str and type(max_tokens) is int and type(sample) is int
+            and all(type(x) is float and math.isfinite(x) or type(x) is int for x in (temperature, top_p))
+            and all(type(m) is dict and m.keys() == {"role", "content"} and type(m["role"]) is str
+                    and type(m["content"]) is str for m in messages)):
+        return None
+    turns = ",".join(f'{{"content":{_string(m["content"])},"role":{_string(m["role"])}}}' for m in messages)
+    extra = f',"sample":{sample}' if sample else ""
+    return (f'{{"max_tokens":{max_tokens},"messages":[{turns}]{extra},"teacher":{_string(teacher)},'
+            f'"temperature":{temperature!r},"top_p":{top_p!r}}}')
 
 
 def now_iso() -> str:

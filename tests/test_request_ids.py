@@ -252,3 +252,35 @@ def test_a_wrong_key_fails_the_run_within_seconds_without_retries(tmp_path, orac
     assert [(r.state.name, r.run_count) for r in flow_runs] == [("Failed", 1)]
     traces = [r for r in task_runs if r.name.startswith("traces-orca1-")]
     assert [(r.state.name, r.run_count) for r in traces] == [("Failed", 1)]
+
+
+def test_request_id_fast_path_writes_canonical_json_byte_for_byte():
+    """request_id writes the usual request's JSON by hand; it must be canonical_json's text exactly (escapes, float
+    repr, key order, the sample field), and anything unusual takes the general path."""
+    import math
+    import random
+
+    from orca_core.keys import canonical_json, sha256_text
+    from orca_core.traces import _canonical_request
+
+    rng = random.Random(0)
+    alphabet = 'ab "\\\n\t\r\x00\x1f\x7f é漢😀\u2028/<>&\'\x08\x0c'
+
+    def text() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
+
+    for _ in range(3000):
+        messages = [{"role": rng.choice(["system", "user", "assistant"]), "content": text()}
+                    for _ in range(rng.randint(0, 4))]
+        temperature, top_p = rng.choice([0.0, 0.7, 1, 1e-7, 2.5e20, 0.1 + 0.2]), rng.choice([1.0, 0.95, 1])
+        max_tokens, sample, teacher = rng.randint(1, 4096), rng.choice([0, 0, 1, 7]), text()
+        request = {"teacher": teacher, "messages": messages, "temperature": temperature, "top_p": top_p,
+                   "max_tokens": max_tokens, **({"sample": sample} if sample else {})}
+        assert _canonical_request(teacher, messages, temperature, top_p, max_tokens, sample) == canonical_json(request)
+        assert request_id(teacher, messages, temperature, top_p, max_tokens, sample) == sha256_text(canonical_json(request))
+    # Not the usual shape: the general path (which refuses NaN as canonical_json does).
+    assert _canonical_request("t", [{"role": "user", "content": "x", "name": "n"}], 0.0, 1.0, 8, 0) is None
+    assert _canonical_request("t", [], True, 1.0, 8, 0) is None
+    assert _canonical_request("t", [], math.nan, 1.0, 8, 0) is None
+    with pytest.raises(ValueError):
+        request_id("t", [], math.nan, 1.0, 8)
