@@ -33,6 +33,16 @@ def _exact(answer: str | None, entry: dict[str, Any]) -> float:
     return float(isinstance(answer, str) and answer.strip().upper() == str(entry["answer"]).strip().upper())
 
 
+class _ExactAnswerDataset(ProceduralDataset):
+    """reasoning-gym's dataset interface for the generators here: seeded by the config, scored by exact match."""
+
+    def __init__(self, config: Any):
+        super().__init__(config=config, seed=config.seed, size=config.size)
+
+    def score_answer(self, answer: str | None, entry: dict[str, Any]) -> float:
+        return _exact(answer, entry)
+
+
 @dataclass
 class ShellGameConfig:
     cups: int = 5
@@ -47,11 +57,8 @@ class ShellGameConfig:
             raise ValueError(f"shell_game: swaps must be >= 1, got {self.swaps}")
 
 
-class ShellGameDataset(ProceduralDataset):
+class ShellGameDataset(_ExactAnswerDataset):
     """A ball under one of n cups; after k swaps of two cups, which cup is it under?"""
-
-    def __init__(self, config: ShellGameConfig):
-        super().__init__(config=config, seed=config.seed, size=config.size)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         rng = random.Random(self.seed + idx)
@@ -68,9 +75,6 @@ class ShellGameDataset(ProceduralDataset):
                 "metadata": {"source_dataset": "shell_game", "source_index": idx, "start": start,
                              "swaps": swaps, "path": path}}
 
-    def score_answer(self, answer: str | None, entry: dict[str, Any]) -> float:
-        return _exact(answer, entry)
-
 
 @dataclass
 class CoinMovesConfig:
@@ -83,11 +87,8 @@ class CoinMovesConfig:
             raise ValueError(f"coin_moves: moves must be >= 1, got {self.moves}")
 
 
-class CoinMovesDataset(ProceduralDataset):
+class CoinMovesDataset(_ExactAnswerDataset):
     """A coin showing H or T, then k moves that flip (F) or keep (K) it: which side is up? (parity)"""
-
-    def __init__(self, config: CoinMovesConfig):
-        super().__init__(config=config, seed=config.seed, size=config.size)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         rng = random.Random(self.seed + idx)
@@ -103,9 +104,6 @@ class CoinMovesDataset(ProceduralDataset):
                 "metadata": {"source_dataset": "coin_moves", "source_index": idx, "start": start,
                              "moves": moves, "sides": sides}}
 
-    def score_answer(self, answer: str | None, entry: dict[str, Any]) -> float:
-        return _exact(answer, entry)
-
 
 @dataclass
 class MaxOfTwoConfig:
@@ -118,11 +116,8 @@ class MaxOfTwoConfig:
             raise ValueError(f"max_of_two: digits must be >= 1, got {self.digits}")
 
 
-class MaxOfTwoDataset(ProceduralDataset):
+class MaxOfTwoDataset(_ExactAnswerDataset):
     """Two different numbers of the same digit count: which is larger?"""
-
-    def __init__(self, config: MaxOfTwoConfig):
-        super().__init__(config=config, seed=config.seed, size=config.size)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         rng = random.Random(self.seed + idx)
@@ -130,9 +125,6 @@ class MaxOfTwoDataset(ProceduralDataset):
         a, b = rng.sample(range(low, high + 1), 2)
         return {"question": f"Which number is larger, {a} or {b}?", "answer": str(max(a, b)),
                 "metadata": {"source_dataset": "max_of_two", "source_index": idx, "a": a, "b": b}}
-
-    def score_answer(self, answer: str | None, entry: dict[str, Any]) -> float:
-        return _exact(answer, entry)
 
 
 GENERATORS = {
