@@ -173,13 +173,15 @@ def fanout_work(name: str, recipe: Recipe, built: dict[str, Path | None], cache:
     tally = {role: {"requests": 0, "cached": 0, "shared": 0, "prompt": 0} for role in plan.endpoints}
     sent = RecentIds()  # as `fan_out`: a request several pending jobs share is sent once, by the first of them
     for chunk in chunked(plan.jobs(), 2000):
-        for p in resolve(chunk, plan.endpoints, cache):
+        resolved = resolve(chunk, plan.endpoints, cache)
+        for p in resolved:
+            tally[p.job.teacher_role]["cached"] += len(p.calls)
+        pending = [p for p in resolved if p.state == "pending"]
+        new = sent.fresh([call_id(p.job, plan.endpoints[p.job.teacher_role], p.previous) for p in pending])
+        for p, first in zip(pending, new):
             role = p.job.teacher_role
-            tally[role]["cached"] += len(p.calls)
-            if p.state != "pending":
-                continue
             previous = p.previous
-            if not sent.add(call_id(p.job, plan.endpoints[role], previous)):
+            if not first:
                 tally[role]["shared"] += p.job.calls - len(previous)  # same next call: the same remaining calls
                 continue
             for call in range(len(previous), p.job.calls):

@@ -25,7 +25,7 @@ from orca_core.recipe.models import TeacherEndpoint
 from orca_core.store import ArtifactStore
 from orca_core.teacher.client import FatalTeacherError
 from orca_core.teacher.identity import endpoint_identity, host_of, identity_digest
-from orca_core.teacher.jobs import TraceJob, call_id
+from orca_core.teacher.jobs import RecentIds, TraceJob, call_id
 from orca_core.teacher.runner import LocalFanoutRunner, oracle_server
 from orca_core.traces import TRACES_FILE, request_id
 
@@ -284,3 +284,18 @@ def test_request_id_fast_path_writes_canonical_json_byte_for_byte():
     assert _canonical_request("t", [], math.nan, 1.0, 8, 0) is None
     with pytest.raises(ValueError):
         request_id("t", [], math.nan, 1.0, 8)
+
+
+def test_recent_ids_flag_repeats_within_a_chunk_and_across_chunks_until_the_window_passes():
+    ids = [f"{n:016x}" + "0" * 48 for n in range(10)]
+    sent = RecentIds(window=4)
+    assert sent.fresh([ids[0], ids[1], ids[0], ids[2]]) == [True, True, False, True]  # the repeat in the chunk
+    assert sent.fresh([ids[1], ids[3]]) == [False, True]  # ids[1]: an earlier chunk sent it
+    assert sent.fresh([ids[4], ids[5], ids[6]]) == [True, True, True]  # the ring wraps: 0..2 leave the window
+    assert sent.fresh([ids[0], ids[6], ids[3]]) == [True, False, False]  # 0 left the window; 3 and 6 are in it
+    assert sent.fresh([]) == []
+    big = RecentIds(window=3)  # a chunk longer than the window keeps its newest ids
+    assert big.fresh(ids[:5]) == [True] * 5
+    assert big.fresh([ids[1], ids[2], ids[4]]) == [True, False, False]
+    top = "f" * 64  # keys use all 64 bits
+    assert big.fresh([top, top]) == [True, False]

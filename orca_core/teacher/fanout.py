@@ -193,7 +193,8 @@ def fan_out(plan: FanoutPlan, cache: RequestCache, executor: Executor, sink: Cal
             pending = [p for p in resolved if p.state == "pending"]
             # Identical requests (one model in both roles, a prompt twice) are sent once: the same next call
             # means the same remaining calls, so the job that waits finds every answer in the cache.
-            unique = [p for p in pending if sent.add(call_id(p.job, plan.endpoints[p.job.teacher_role], p.previous))]
+            new = sent.fresh([call_id(p.job, plan.endpoints[p.job.teacher_role], p.previous) for p in pending])
+            unique = [p for p, first in zip(pending, new) if first]
             report.found_in_cache += len(resolved) - len(pending)
             report.shared_jobs += len(pending) - len(unique)
             progress.found = report.found_in_cache + report.shared_jobs
