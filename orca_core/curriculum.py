@@ -189,7 +189,7 @@ def build_train_for(stage: StageConfig, previous: str):
         job = TrainJob(
             init_dir=upstream[previous], dataset=upstream[f"dataset-{stage.name}"] / DATASET_FILE, out_dir=out,
             checkpoint_dir=checkpoints, epochs=stage.epochs or 1, max_steps=stage.steps, lr=stage.lr or t.lr, min_lr_ratio=t.min_lr_ratio,
-            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, micro_batch_size=t.micro_batch_size,
+            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, adam_betas=t.adam_betas, micro_batch_size=t.micro_batch_size,
             grad_accum=t.grad_accum, max_len=t.max_len, grad_clip=t.grad_clip, precision=t.precision,
             zero_stage=t.zero_stage, deepspeed_config=deepspeed_config_path(recipe), seed=recipe.seed,
             checkpoint_every=t.checkpoint_every, gradient_checkpointing=t.gradient_checkpointing,

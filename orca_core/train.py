@@ -84,6 +84,7 @@ class TrainJob:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
     precision: str = "fp32"  # fp32 | bf16
     zero_stage: int = 2
@@ -112,7 +113,7 @@ def deepspeed_config(job: TrainJob, world_size: int) -> dict[str, Any]:
         zero_optimization={**config.get("zero_optimization", {}), "stage": job.zero_stage},
         # torch's AdamW: DeepSpeed's FusedAdam/CPUAdam JIT-compile for minutes on a CPU host
         optimizer={"type": "AdamW", "params": {**params, "lr": job.lr, "weight_decay": job.weight_decay,
-                                                "torch_adam": True}},
+                                                "betas": list(job.adam_betas), "torch_adam": True}},
     )
     return config
 

@@ -82,6 +82,18 @@ def test_unknown_field_and_several_errors_are_all_reported(tmp_path):
     assert "teachers.strong.rpm: must be > 0 (got 0)" in message
 
 
+def test_adam_betas_are_checked_and_reach_the_deepspeed_optimizer(tmp_path):
+    from orca_core.train import TrainJob, deepspeed_config
+
+    with pytest.raises(RecipeError, match=r"train.adam_betas.*\[0, 1\)"):
+        load_recipe("tiny", ["train.adam_betas=[0.9,1.0]"])
+    recipe = load_recipe("tiny", ["train.adam_betas=[0.8,0.9]"])
+    assert recipe.train.adam_betas == (0.8, 0.9)
+    job = TrainJob(init_dir=tmp_path, dataset=tmp_path, out_dir=tmp_path, checkpoint_dir=tmp_path, epochs=1, lr=1e-3,
+                   max_len=8, micro_batch_size=1, adam_betas=recipe.train.adam_betas)
+    assert deepspeed_config(job, world_size=1)["optimizer"]["params"]["betas"] == [0.8, 0.9]
+
+
 def test_an_api_key_in_the_recipe_is_refused():
     with pytest.raises(RecipeError, match="teachers.strong.api_key_env: must name an environment variable"):
         load_recipe("tiny", ["teachers.strong.api_key_env=sk-live-123-abc"])

@@ -440,6 +440,9 @@ class TrainConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # AdamW's (beta1, beta2). torch's default keeps beta2 0.999; LLM pretraining uses 0.95 (GPT-3, Llama),
+    # which a small student trained from scratch needs: at 0.999 tiny's probe never learnt the shell trace.
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     micro_batch_size: int = Field(gt=0)
     grad_accum: int = Field(1, gt=0)
     max_len: int = Field(gt=0)
@@ -458,6 +461,13 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = False  # recompute activations in the backward: less memory, same weights
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     padding_free: bool = False  # each micro-batch one row without padding: needs a PADDING_FREE_ATTENTION kernel
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"train.adam_betas: each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
     @model_validator(mode="after")
     def _attention_this_setup_can_train(self) -> TrainConfig:
