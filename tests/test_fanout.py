@@ -127,6 +127,17 @@ def test_budget_cap_stops_sending_and_a_later_run_resumes(tmp_path, sources):
         assert stats(url)["ok"] - sent_before == done.rows["traces"] - len(paid)  # only the missing ones
 
 
+def test_long_answers_are_written_in_row_groups_bounded_by_bytes(tmp_path, sources, monkeypatch):
+    """The trace table buffers at most ROW_GROUP_BYTES: a row group closes early when long answers fill it."""
+    monkeypatch.setattr(fanout, "CHUNK_JOBS", 16)
+    monkeypatch.setattr(fanout, "ROW_GROUP_BYTES", 1)  # any chunk's traces fill it
+    with start_oracle(sources) as urls:
+        done, _ = run_traces(recipe_for(tmp_path, urls["assistant"], "prompts.strong_fraction=0"))
+    written = pq.ParquetFile(Path(done.ref.url) / TRACES_FILE)
+    rows = written.metadata.num_rows
+    assert rows > 16 and written.num_row_groups == -(-rows // 16)  # one group per chunk, not one for all
+
+
 def test_a_resumed_fan_out_writes_the_traces_in_job_order(tmp_path, sources, monkeypatch):
     """Chunks the cache answers whole are written while surveying, the rest after the fan-out: the table of a
     resumed run is the table of a fully cached one, row for row (training sees the same data either way)."""

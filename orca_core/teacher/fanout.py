@@ -13,7 +13,7 @@
 
 Memory stays flat in the number of prompts: jobs are generated lazily, only
 one chunk is resolved at a time, and the table is written in row groups of
-`ROW_GROUP_ROWS` (so its footer stays small).
+`ROW_GROUP_ROWS` (so its footer stays small) or of `ROW_GROUP_BYTES` of long answers.
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ class ProgressLine:
 
 
 CHUNK_JOBS = 2000  # jobs resolved against the cache at once: one index lookup per call depth
-ROW_GROUP_ROWS = 16_384  # traces per row group: a footer of ~60 groups per 1M traces, ~16K rows buffered
+ROW_GROUP_ROWS = 16_384  # traces per row group: a footer of ~60 groups per 1M traces, ~16K rows buffered ...
+ROW_GROUP_BYTES = 8 << 20  # ... or fewer, when long answers fill this much first (GPT-4's run to 16 KB each)
 
 
 class TraceTable:
@@ -132,9 +133,12 @@ class TraceTable:
         self.buffered += len(rows)
         if self.buffered >= ROW_GROUP_ROWS:
             self._flush(whole_groups_only=True)
+        elif sum(table.nbytes for table in self.buffer) >= ROW_GROUP_BYTES:
+            self._flush()
 
     def _flush(self, whole_groups_only: bool = False) -> None:
-        """Write the buffer in row groups of ROW_GROUP_ROWS (all of it at the end; else only whole groups)."""
+        """Write the buffer in row groups of ROW_GROUP_ROWS (all of it at the end or when it holds ROW_GROUP_BYTES;
+        else only whole groups)."""
         if not self.buffer:
             return
         table = pa.concat_tables(self.buffer)
