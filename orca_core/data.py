@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 from transformers import BatchEncoding, PreTrainedTokenizerFast
 
 from orca_core.packed import PACKED_SCHEMA, PackedRows
+from orca_core.prompts import student_chat
 from orca_core.sources.schema import ORCA1_SOURCES
 from orca_core.tokenizer import IM_END
 
@@ -164,8 +165,7 @@ def example_batches(examples: list[dict[str, Any]]) -> Iterator[pa.RecordBatch]:
 
 
 def _messages(example: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"role": "system", "content": example["system"]}, {"role": "user", "content": example["user"]},
-            {"role": "assistant", "content": example["assistant"]}]
+    return student_chat(example["system"], example["user"]) + [{"role": "assistant", "content": example["assistant"]}]
 
 
 def _chat_texts(tokenizer: PreTrainedTokenizerFast, examples: list[dict[str, Any]]) -> list[tuple[str, int]]:

@@ -104,8 +104,18 @@ STRATEGIES: dict[str, Strategy] = {
 
 
 def chat(system: str, user: str) -> list[dict[str, str]]:
-    """OpenAI chat messages; an empty system message (Orca 1 #1) sends no system turn."""
+    """A teacher request's chat messages; an empty system message (Orca 1 #1) sends no system turn."""
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+
+
+def student_chat(system: str, user: str) -> list[dict[str, str]]:
+    """The student's prompt, in training examples and in evaluation alike: a system turn always, even empty.
+
+    Orca 2's "empty system message" is an empty system turn, and the student must be asked
+    exactly as it was taught: a 1M-parameter student trained on `<|im_start|>system\n<|im_end|>`
+    and prompted without that turn scored 56 % instead of 100 % on coin_moves.
+    """
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
 def followup_messages(strategy: Strategy, user: str, previous: list[str]) -> list[dict[str, str]]:

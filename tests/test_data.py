@@ -17,6 +17,8 @@ from transformers import PreTrainedTokenizerFast
 
 from orca_core import data
 from orca_core.data import IGNORE, build_dataset, encode, pack, padded_efficiency, stage_examples
+from orca_core.eval.benchmarks import Example
+from orca_core.eval.evaluate import Job, job_prompts
 from orca_core.packed import PACKED_SCHEMA, PackedRows
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
 from orca_core.sources.procedural import generate_suite
@@ -391,3 +393,19 @@ def test_packed_rows_are_taken_from_the_memory_map_without_reading_the_file(tmp_
         rows.take([2000])
     with pytest.raises(ValueError, match=r"packed.arrow: no column 'weights'"):
         PackedRows(tmp_path / "packed.arrow", ["input_ids", "weights"])
+
+
+def test_evaluation_prompts_the_student_as_its_training_examples_did(tok, sources, orca1, orca2, tmp_path):
+    """The eval's prompt is the training example's prompt, token for token, with the empty system message too:
+    a FLAN or erased Orca 2 example keeps its empty system turn, and so must the prompt the eval sends."""
+    tok.save_pretrained(tmp_path)
+    flan, orca1_example, orca2_example = (stage_examples(stage, sources, orca1, orca2, 0.0, 0)[0]
+                                          for stage in ("flan", "orca1", "orca2"))
+    erased = {**orca2_example, "system": ""}
+    assert flan["system"] == "" and orca1_example["system"] and orca2_example["system"]
+    for example in (flan, orca1_example, orca2_example, erased):
+        encoded = encode(tok, example, 4096, "drop")
+        n_prompt = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE)
+        question = Example("procedural-heldout", "t", "t-0", example["user"], "", "procedural")
+        job = Job("procedural-heldout", "native", (question,), (example["system"],))
+        assert job_prompts(tmp_path, job) == [encoded["input_ids"][:n_prompt]]

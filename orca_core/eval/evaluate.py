@@ -30,7 +30,7 @@ from orca_core.eval.metrics import summarize
 from orca_core.eval.score import score
 from orca_core.code_digest import code_components
 from orca_core.keys import canonical_json, file_sha256, key_components, sha256_text, step_key
-from orca_core.prompts import chat
+from orca_core.prompts import student_chat
 from orca_core.recipe.models import ORCA2_CAUTIOUS_SYSTEM_MESSAGE
 from orca_core.store import ArtifactRef, ArtifactStore
 
@@ -92,6 +92,12 @@ class Job:
 
     def system_texts(self) -> list[str]:
         return list(self.systems) if self.systems else [SYSTEM_MESSAGES[self.system_message]] * len(self.examples)
+
+
+def job_prompts(checkpoint: Path, job: Job) -> list[list[int]]:
+    """The token ids each example prompts the checkpoint with: its training examples' prompt, system turn and all."""
+    conversations = [student_chat(system, example.prompt) for system, example in zip(job.system_texts(), job.examples)]
+    return chat_prompts(checkpoint, conversations)
 
 
 def plan_jobs(specs: list[BenchmarkSpec], system_messages: list[str], sources_dir: Path | None = None,
@@ -187,7 +193,7 @@ def evaluate_checkpoint(
         # message) are generated once: greedy decoding gives them the same outputs.
         prompts, same_as = {}, {}
         for job, _ in missing:
-            ids = chat_prompts(checkpoint, [chat(system, e.prompt) for system, e in zip(job.system_texts(), job.examples)])
+            ids = job_prompts(checkpoint, job)
             same_as[job.name] = next((name for name, other in prompts.items() if other == ids), job.name)
             if same_as[job.name] == job.name:
                 prompts[job.name] = ids
