@@ -73,6 +73,7 @@ def measure() -> dict:
     import torch
 
     from orca_core.eval.backends import GenerationSettings, backend_version, chat_prompts, generate_jobs
+    from orca_core.prompts import student_chat
 
     with tempfile.TemporaryDirectory(prefix="orca-bench-eval-") as scratch:
         tmp = Path(scratch)
@@ -80,7 +81,7 @@ def measure() -> dict:
         checkpoint, architecture = args.checkpoint, None
         if checkpoint is None:
             checkpoint, architecture = tiny_checkpoint(tmp, users)
-        ids = chat_prompts(checkpoint, [[{"role": "system", "content": ""}, {"role": "user", "content": u}] for u in users])
+        ids = chat_prompts(checkpoint, [student_chat("", user) for user in users])
         result: dict = {
             "checkpoint": str(args.checkpoint) if args.checkpoint else "tiny recipe student (random init)",
             "architecture": architecture, "prompts_from": origin, "prompts": len(ids),

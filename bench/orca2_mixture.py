@@ -32,7 +32,6 @@ from bench.json_output import print_json  # noqa: E402
 
 FAMILIES = ("shell_game", "coin_moves", "max_of_two")
 STRATEGY = {"shell_game": "step-by-step", "coin_moves": "step-by-step", "max_of_two": "direct-answer"}
-IGNORE = -100
 
 
 def examples(family: str, options: dict, train: int, heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -67,18 +66,20 @@ def measure(args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    from orca_core.eval.backends import chat_prompts
     from orca_core.prompts import student_chat
+    from orca_core.train import IGNORE, param_groups, shifted_targets
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
-    def prompt_ids(question: str) -> list[int]:
+    def prompt_ids(entries: list[dict]) -> list[list[int]]:
+        """As the pipeline's eval prompts (`chat_prompts`), or the bare question and a newline."""
         if args.template == "none":
-            return tokenizer(question + "\n", add_special_tokens=False)["input_ids"]
-        text = tokenizer.apply_chat_template(student_chat("", question), tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return tokenizer([entry["question"] + "\n" for entry in entries], add_special_tokens=False)["input_ids"]
+        return chat_prompts(Path(args.tokenizer), [student_chat("", entry["question"]) for entry in entries])
 
     options = {"shell_game": {"cups": 5, "swaps": args.swaps}, "coin_moves": {"moves": args.moves},
                "max_of_two": {"digits": args.digits}}  # tiny's sizes by default
@@ -87,8 +88,7 @@ def measure(args: argparse.Namespace) -> dict:
         train[family], heldout[family] = examples(family, options[family], args.train_per_family, args.heldout,
                                                   args.data_seed)
         encoded[family] = []
-        for entry in train[family]:
-            prompt = prompt_ids(entry["question"])
+        for entry, prompt in zip(train[family], prompt_ids(train[family])):
             reply = tokenizer(teacher_answer(family, entry) + "<|im_end|>", add_special_tokens=False)["input_ids"]
             encoded[family].append((prompt + reply, [IGNORE] * len(prompt) + reply))
 
@@ -124,10 +124,7 @@ def measure(args: argparse.Namespace) -> dict:
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
                          intermediate_size=384, max_position_embeddings=1024, tie_word_embeddings=False)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices}, {"params": others}], lr=args.lr, weight_decay=0.0,
-                                  betas=(0.9, args.beta2))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.0), lr=args.lr, betas=(0.9, args.beta2))
 
     def lr_at(step: int) -> float:  # tiny's: 20 warmup steps, then cosine down to 10 %
         if step < 20:
@@ -141,7 +138,7 @@ def measure(args: argparse.Namespace) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-        targets = labels[:, 1:].masked_fill(positions[:, 1:] == 0, IGNORE)
+        targets = shifted_targets(labels, positions)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
         optimizer.zero_grad()
         loss.backward()
@@ -156,12 +153,13 @@ def measure(args: argparse.Namespace) -> dict:
     accuracy, samples = {}, {}
     with torch.no_grad():
         for family, entries in heldout.items():
-            by_length: dict[int, list[dict]] = {}
-            for entry in entries:  # the families are fixed-width: one batch per prompt length, no padding
-                by_length.setdefault(len(prompt_ids(entry["question"])), []).append(entry)
+            by_length: dict[int, list[tuple[dict, list[int]]]] = {}
+            for entry, prompt in zip(entries, prompt_ids(entries)):  # fixed-width: one batch per length, no padding
+                by_length.setdefault(len(prompt), []).append((entry, prompt))
             correct = 0
-            for length, group in by_length.items():
-                prompts = torch.tensor([prompt_ids(entry["question"]) for entry in group])
+            for length, pairs in by_length.items():
+                group = [entry for entry, _ in pairs]
+                prompts = torch.tensor([prompt for _, prompt in pairs])
                 out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=80,
                                      do_sample=False, eos_token_id=end, pad_token_id=end)
                 for entry, tokens in zip(group, out[:, length:]):
