@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
 import sys
 import tempfile
 import uuid
@@ -12,10 +14,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="orca-test-prefect-"))
+
+
+def _session_folder(variable: str, prefix: str) -> None:
+    """Point `variable` at a fresh temp folder for this session (unless set), removed when pytest exits."""
+    if variable not in os.environ:
+        os.environ[variable] = folder = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, folder, True)
+
+
+_session_folder("PREFECT_HOME", "orca-test-prefect-")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-os.environ.setdefault("ORCA_INDEX_DIR", tempfile.mkdtemp(prefix="orca-test-index-"))  # request indexes, not ~/.cache
+_session_folder("ORCA_INDEX_DIR", "orca-test-index-")  # request indexes, not ~/.cache
 
 from orca_core.recipe import load_recipe  # noqa: E402
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -81,12 +83,13 @@ def test_bad_pretrained_sources_name_the_field(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def base(recipe, tmp_path_factory) -> Path:
+def base(recipe, tmp_path_factory) -> Iterator[Path]:
     """The smol recipe's tokenizer and base-model steps, built from the package's GGUF."""
     root = tmp_path_factory.mktemp("smol")
     curriculum.build_tokenizer(recipe, {}, root / "tokenizer", StepContext())
     curriculum.build_base_model(recipe, {"tokenizer": root / "tokenizer"}, root / "base", StepContext())
-    return root / "base"
+    yield root / "base"
+    shutil.rmtree(root)  # 0.5 GB of fp32 weights: not kept to the session's end
 
 
 def test_the_base_is_a_plain_fp32_folder_with_chatml_and_one_new_token(base):
@@ -134,6 +137,7 @@ def test_one_zero3_step_exports_a_checkpoint_where_vllm_and_hf_agree(base, tmp_p
                    checkpoint_dir=tmp_path / "ckpt", epochs=1, max_steps=1, lr=1e-4, max_len=128,
                    micro_batch_size=2, zero_stage=3, deepspeed_config=REPO / "infra/deepspeed/zero3_bf16.json")
     metrics = fit(job)["metrics"]
+    shutil.rmtree(tmp_path / "ckpt")  # 1.6 GB of ZeRO-3 state (as the pipeline drops it once a stage is published)
     assert len(metrics) == 1 and metrics[0]["label_tokens"] > 20
     assert math.isfinite(metrics[0]["loss"]) and metrics[0]["loss"] < 4  # a speaking model; random: ln(49153) = 10.8
     out = tmp_path / "out"
