@@ -20,6 +20,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -142,7 +143,9 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, models: dict[str, OracleSet
                 partial.write_text(url)
                 os.replace(partial, ready_file)
             print(f"ORACLE_READY {url}", flush=True)
-            await asyncio.Event().wait()
+            stop = asyncio.Event()  # SIGTERM (how the fan-out stops it) ends the wait, so cleanup runs:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # the batch files go
+            await stop.wait()
         finally:
             await runner.cleanup()
 

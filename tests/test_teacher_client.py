@@ -75,6 +75,15 @@ def test_429_retry_after_is_honoured_then_the_call_succeeds(sources):
     assert results[2].latency_ms >= 900
 
 
+def test_the_oracle_subprocess_removes_its_batch_files_when_stopped(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the subprocess's temp folders land here
+    settings = TeacherEndpoint(kind="oracle", model="oracle-strong", rpm=60000)
+    with oracle_server({"strong": settings}, [sources / "train.parquet"]) as urls:
+        assert _call(_endpoint(urls["strong"]), chat("", "hi")).status == "ok"
+        assert [p.name.startswith("orca-oracle-files-") for p in tmp_path.iterdir()] == [True]  # Batch API files
+    assert list(tmp_path.iterdir()) == []  # SIGTERM ran the app's cleanup: nothing left behind a run
+
+
 def test_a_wrong_key_is_fatal_and_never_echoed(sources, monkeypatch):
     monkeypatch.setenv("ORACLE_KEY", "sk-right-one")
     settings = TeacherEndpoint(kind="oracle", model="oracle-strong", rpm=1, api_key_env="ORACLE_KEY")
