@@ -35,11 +35,6 @@ class Reasoning:
     facts: tuple[str, ...]  # what to recall: rules, tables, methods
     steps: tuple[str, ...]  # the real intermediate computations
     evidence: tuple[str, ...] = ()  # sentences quoted verbatim from the prompt
-    # A fixed-width state trace (shell game, coin moves): every style writes it as it is, one bare step a line.
-    # Each step is as wide as the operand it reads in the prompt ("F, " -> "FT", "A-B, " -> "AB>C"), so a
-    # small student copies at one constant distance; numbered or run-together steps ("Step 10: FT.", "FT. FH.")
-    # change that distance with every step, and tiny's student never learnt to copy them (docs/RESULTS.md).
-    trace: bool = False
 
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
@@ -346,7 +341,7 @@ def _syllogism(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reason
 def _shell_game(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
     """One fixed-width step per swap: the two cups, then where the ball is after it ("AB>C")."""
     return Reasoning(("Each swap exchanges the two cups it names; the ball moves only when its cup is one of them.",),
-                     tuple(f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"], strict=True)), trace=True)
+                     tuple(f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"], strict=True)))
 
 
 def _coin_moves(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
@@ -358,7 +353,7 @@ def _coin_moves(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reaso
     """
     steps = tuple(f"{move}{side}" for move, side in zip(meta["moves"], meta["sides"], strict=True))
     return Reasoning(("F turns the coin over and K leaves it as it is, so each move decides the side from the one "
-                      "before it.",), steps, trace=True)
+                      "before it.",), steps)
 
 
 def _max_of_two(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:

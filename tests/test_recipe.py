@@ -35,16 +35,6 @@ def test_the_answers_only_ablation_has_tinys_token_budget_and_answers_only():
     assert ablation.train == tiny.train and ablation.model == tiny.model and ablation.seed == tiny.seed
     assert ablation.sources == tiny.sources and ablation.eval == tiny.eval and ablation.store == tiny.store
 
-def test_tiny_long_is_tiny_with_a_longer_orca1_stage_so_it_shares_tinys_data_steps():
-    tiny, long = load_recipe("tiny"), load_recipe("tiny-long")
-    assert [(s.name, s.data, s.steps) for s in long.curriculum.stages] == \
-        [("flan", "flan", 60), ("orca1", "orca1", 2000), ("orca2", "orca2", 1800)]
-    assert long.curriculum.stages[0] == tiny.curriculum.stages[0] and long.curriculum.stages[2] == tiny.curriculum.stages[2]
-    assert (long.sources, long.teachers, long.prompts, long.model, long.train, long.eval, long.seed) == \
-        (tiny.sources, tiny.teachers, tiny.prompts, tiny.model, tiny.train, tiny.eval, tiny.seed)
-    assert long.control is None
-
-
 
 def test_a_stage_takes_epochs_or_steps_not_both(tmp_path):
     for stage, ok in [("{name: a, data: flan, epochs: 1}", True), ("{name: a, data: flan, steps: 9}", True),
