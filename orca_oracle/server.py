@@ -132,10 +132,14 @@ async def start(app: web.Application, host: str = "127.0.0.1", port: int = 0) ->
 
 def serve(host: str = "127.0.0.1", port: int = 0, *, models: dict[str, OracleSettings],
           sources: Iterable[str | Path], api_key: str | None = None, ready_file: Path | None = None) -> None:
-    """Run the oracle until killed; announce the base URL on stdout and in `ready_file`."""
+    """Run the oracle until SIGTERM (or killed); announce the base URL on stdout and in `ready_file`."""
     app = create_app(models, OracleBook.from_parquet(sources), api_key)
 
     async def run() -> None:
+        # SIGTERM (how the fan-out stops it) ends the wait, so the cleanup runs and the batch files go;
+        # set before the URL is announced, so a caller that stops it at once still gets the cleanup.
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         runner, url = await start(app, host, port)
         try:
             if ready_file is not None:  # written whole, then renamed: a reader never sees half a URL
@@ -143,8 +147,6 @@ def serve(host: str = "127.0.0.1", port: int = 0, *, models: dict[str, OracleSet
                 partial.write_text(url)
                 os.replace(partial, ready_file)
             print(f"ORACLE_READY {url}", flush=True)
-            stop = asyncio.Event()  # SIGTERM (how the fan-out stops it) ends the wait, so cleanup runs:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # the batch files go
             await stop.wait()
         finally:
             await runner.cleanup()
