@@ -35,6 +35,10 @@ class Reasoning:
     facts: tuple[str, ...]  # what to recall: rules, tables, methods
     steps: tuple[str, ...]  # the real intermediate computations
     evidence: tuple[str, ...] = ()  # sentences quoted verbatim from the prompt
+    # The steps are a fixed-width state trace (shell game, coin moves): each step as wide as the operand it
+    # reads in the prompt ("F, " -> "FT", "A-B, " -> "AB>C"). The oracle's `trace_lines` setting decides whether
+    # Orca 1's styles keep that width (solver.py).
+    trace: bool = False
 
 
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+")
@@ -341,7 +345,7 @@ def _syllogism(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reason
 def _shell_game(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
     """One fixed-width step per swap: the two cups, then where the ball is after it ("AB>C")."""
     return Reasoning(("Each swap exchanges the two cups it names; the ball moves only when its cup is one of them.",),
-                     tuple(f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"], strict=True)))
+                     tuple(f"{swap}>{cup}" for swap, cup in zip(meta["swaps"], meta["path"], strict=True)), trace=True)
 
 
 def _coin_moves(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:
@@ -353,7 +357,7 @@ def _coin_moves(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reaso
     """
     steps = tuple(f"{move}{side}" for move, side in zip(meta["moves"], meta["sides"], strict=True))
     return Reasoning(("F turns the coin over and K leaves it as it is, so each move decides the side from the one "
-                      "before it.",), steps)
+                      "before it.",), steps, trace=True)
 
 
 def _max_of_two(row: dict[str, Any], meta: dict[str, Any], answer: str) -> Reasoning:

@@ -123,6 +123,8 @@ class Draft:
     task: str  # the prompt's instruction or question line
     options: tuple[str, ...]
     call: int  # index of the call in a multi-call strategy
+    # Orca 1's styles write a state trace as it is, one bare step a line (settings.trace_lines == "bare").
+    bare_steps: bool = False
 
 
 def _sentence(text: str) -> str:
@@ -158,9 +160,14 @@ def _others_wrong(d: Draft, simple: bool) -> list[str]:
         f"- {o}: it does not match the result of the reasoning above, which is {d.answer}." for o in others]
 
 
-def _kid(steps: Iterable[str]) -> list[str]:
+def _steps(d: Draft, write: Callable[[int, str], str]) -> list[str]:
+    """The steps as a style writes them (`write(number, step)`), or bare, one a line (Draft.bare_steps)."""
+    return list(d.reasoning.steps) if d.bare_steps else [write(k, s) for k, s in enumerate(d.reasoning.steps, 1)]
+
+
+def _kid(d: Draft) -> list[str]:
     words = ("First", "Then", "Next", "After that")
-    return [f"{words[min(i, 3)]}: {_sentence(s)}" for i, s in enumerate(steps)]
+    return _steps(d, lambda k, s: f"{words[min(k - 1, 3)]}: {_sentence(s)}")
 
 
 ORCA2: dict[str, Callable[[Draft], str]] = {
@@ -181,14 +188,16 @@ def _orca1_detailed(d: Draft) -> str:  # 3: "a detailed and long answer"
         [f"The task: {d.task}", "To answer it fully, I will go through everything that matters, one piece at a time.",
          "", "What we need to know:"], (f"- {_sentence(f)}" for f in r.facts),
         ["", "What the text tells us:"] if r.evidence else [], (f'- "{e}"' for e in r.evidence),
-        ["", "Working it out:"], (f"{k}. {_sentence(s)}" for k, s in enumerate(r.steps, 1)),
+        ["", "Working it out:"], _steps(d, lambda k, s: f"{k}. {_sentence(s)}"),
         ["", f"Summary: putting all of these pieces together, each step checked against the one before, "
              f"the result is {d.answer}.", _final(d)])
 
 
 def _orca1_mc(d: Draft, simple: bool) -> str:  # 8 (five year old) and 10
     if simple:
-        body = ["", f"The task asks: {d.task} Let me explain it like you are five.", *_kid(d.reasoning.steps)]
+        body = ["", f"The task asks: {d.task} Let me explain it like you are five.", *_kid(d)]
+    elif d.bare_steps:
+        body = ["", f"Task: {d.task}", "Explanation:", *d.reasoning.steps]
     else:
         body = ["", f"Task: {d.task}", "Explanation: " + " ".join(map(_sentence, d.reasoning.steps))]
     return _lines([f"Answer: {d.answer}"], body, _others_wrong(d, simple), [_final(d)])
@@ -209,7 +218,8 @@ def _orca1_parts(d: Draft) -> str:  # 15: "Part #: ... Usage: ..."
 def _orca1_teacher(d: Draft, solve: bool) -> str:  # 13 and 14
     how = "Solving it and showing how I used the guidelines:" if solve else "How to use them to find the answer:"
     guidelines = "Guidelines it gives: " + " ".join(map(_sentence, d.reasoning.facts))
-    return _lines([f"What the task asks: {d.task}", guidelines, how], (f"{k}. {_sentence(s)}" for k, s in enumerate(d.reasoning.steps, 1)), [_final(d)])
+    return _lines([f"What the task asks: {d.task}", guidelines, how], _steps(d, lambda k, s: f"{k}. {_sentence(s)}"),
+                  [_final(d)])
 
 
 _JUSTIFIED = {  # message id -> (opening line, numbered steps)
@@ -225,19 +235,20 @@ _JUSTIFIED = {  # message id -> (opening line, numbered steps)
 
 def _orca1_justified(d: Draft, intro: str, numbered: bool) -> str:
     r = d.reasoning
-    lines = [*map(_sentence, r.facts), *(f'The text says: "{e}"' for e in r.evidence), *map(_sentence, r.steps)]
+    steps = [] if d.bare_steps else list(map(_sentence, r.steps))  # bare steps follow the style's own words
+    lines = [*map(_sentence, r.facts), *(f'The text says: "{e}"' for e in r.evidence), *steps]
     body = [f"Step {k}: {s}" for k, s in enumerate(lines, 1)] if numbered else [" ".join(lines)]
-    return _lines([intro], body, [_final(d)])
+    return _lines([intro], body, r.steps if d.bare_steps else [], [_final(d)])
 
 
 ORCA1: dict[int, Callable[[Draft], str]] = {
     1: lambda d: f"{d.answer}\n{_sentence(d.reasoning.steps[-1])}",
     3: _orca1_detailed,
     4: lambda d: _lines(["Let's figure it out together, like I'm talking to a five year old!"],
-                        _kid(d.reasoning.steps), ["That's all there is to it!", _final(d)]),
+                        _kid(d), ["That's all there is to it!", _final(d)]),
     8: lambda d: _orca1_mc(d, simple=True),
     9: lambda d: _lines([f'The definition says: "{d.task}"', "Here is how I used the definition:"],
-                        (f"- Applying the definition: {_sentence(s)}" for s in d.reasoning.steps), [_final(d)]),
+                        _steps(d, lambda k, s: f"- Applying the definition: {_sentence(s)}"), [_final(d)]),
     10: lambda d: _orca1_mc(d, simple=False),
     13: lambda d: _orca1_teacher(d, solve=False),
     14: lambda d: _orca1_teacher(d, solve=True),
@@ -282,5 +293,6 @@ def respond(book: OracleBook, model: str, settings: OracleSettings, messages: li
         r = replace(r, facts=_trim(r.facts, settings.explain_depth), evidence=_trim(r.evidence, settings.explain_depth),
                     steps=_trim(r.steps, settings.explain_depth, last=True))
     call = sum(1 for m in messages if m.get("role") == "assistant")
-    draft = Draft(r, answer, task_line(row["inputs"]), tuple(row.get("options") or ()), call)
+    draft = Draft(r, answer, task_line(row["inputs"]), tuple(row.get("options") or ()), call,
+                  bare_steps=r.trace and settings.trace_lines == "bare")
     return render(style, draft)

@@ -30,6 +30,7 @@ MODELS = {
     "bad": OracleSettings(**{**QUICK, "error_rate": 1.0}),
     "picky": OracleSettings(**{**QUICK, "strategy_penalty": 1.0}),  # only the suited strategy is reliable
     "shallow": OracleSettings(**{**QUICK, "explain_depth": 0.3}),
+    "bare": OracleSettings(**QUICK, trace_lines="bare"),
     "limited": OracleSettings(**{**QUICK, "rpm_limit": 2}),
     "small": OracleSettings(**{**QUICK, "context_window": 20}),
     **{f"fault-{kind}": OracleSettings(**QUICK, faults={kind: 1.0}, timeout_sleep_s=0.5) for kind in FAULTS},
@@ -333,3 +334,24 @@ def test_orca1_explains_what_orca2_answers_directly(http, url, rows):
         assert text != trace and len(text) > len(trace) and final_answer(text) == coin["answer"]
         steps = re.findall(r"\b([FK][HT])\.", text)  # each step a sentence of its own
         assert steps == [m + side for m, side in zip(meta["moves"], meta["sides"])]
+
+
+def test_bare_trace_lines_keep_a_state_trace_fixed_width_in_every_orca1_style(http, url, rows):
+    # trace_lines: bare writes the serial families' steps as Orca 2's trace does, one bare step a line, after
+    # each style's own words; what is not a state trace (max_of_two's prose) is written as before.
+    messages = [m for m in range(2, 17) if m != 15]  # 1 writes only the last step; 15 maps steps onto parts
+    for row in by_task(rows, "shell_game")[:2] + by_task(rows, "coin_moves")[:2]:
+        trace = content(http, url, "good", strategy("step-by-step", row)).splitlines()[:-1]
+        for message in messages:
+            styled = content(http, url, "good", chat(orca1_system_message(message), row["inputs"]))
+            bare = content(http, url, "bare", chat(orca1_system_message(message), row["inputs"]))
+            lines = bare.splitlines()
+            start = lines.index(trace[0])
+            assert lines[start:start + len(trace)] == trace, (message, bare)
+            assert start > 0 and final_answer(bare) == final_answer(styled) == row["answer"]
+            assert not set(trace) <= set(styled.splitlines()), (message, styled)  # styled: numbered or in prose
+    largest = by_task(rows, "max_of_two")[0]
+    for message in messages:
+        system = orca1_system_message(message)
+        assert content(http, url, "bare", chat(system, largest["inputs"])) == \
+            content(http, url, "good", chat(system, largest["inputs"]))

@@ -79,7 +79,7 @@ def test_the_oracle_identity_is_its_answer_settings_and_its_code():
     for same in ({"latency_ms": 1}, {"rpm_limit": 5}, {"faults": {"http_500": 0.5}}, {"timeout_sleep_s": 1}):
         assert an_id(TeacherEndpoint(kind="oracle", model="o", rpm=1, oracle=same)) == an_id(oracle), same
     for other in ({"error_rate": 0.3}, {"explain_depth": 0.5}, {"strategy_penalty": 0.1}, {"seed": 1},
-                  {"context_window": 100}):
+                  {"context_window": 100}, {"trace_lines": "bare"}):
         assert an_id(TeacherEndpoint(kind="oracle", model="o", rpm=1, oracle=other)) != an_id(oracle), other
 
 

@@ -202,6 +202,11 @@ class OracleSettings(Section):
     error_rate: float = Field(0.0, ge=0, le=1)  # chance of a wrong answer when the strategy suits the task
     strategy_penalty: float = Field(0.4, ge=0, le=1)  # extra chance when it does not (direct-answer: all of it, others: half)
     explain_depth: float = Field(1.0, gt=0, le=1)  # fraction of the reasoning steps written out
+    # How Orca 1's styles write a fixed-width state trace (shell game, coin moves): "styled", in each style's
+    # own words (numbered, "First: ...", run together in a paragraph); "bare", one bare step a line after the
+    # style's opening words, as Orca 2's step-by-step writes it. A small student learns to copy a step's operand
+    # only at a constant distance, which "styled" changes with every step (docs/RESULTS.md, finding 1).
+    trace_lines: Literal["styled", "bare"] = "styled"
     latency_ms: float = Field(50.0, ge=0)  # median
     latency_sigma: float = Field(0.3, ge=0)  # lognormal spread
     rpm_limit: int | None = Field(None, gt=0)  # server-side limits, answered with 429 + Retry-After

@@ -27,7 +27,7 @@ from orca_core.recipe.models import OracleSettings, TeacherEndpoint
 # The oracle's entry module: its import closure is the oracle's code version (the step keys digest the same).
 ORACLE_ENTRY = "orca_oracle.__main__"
 # The oracle settings that decide its answers (latency, limits and faults only decide when and whether it answers).
-ORACLE_ANSWER_SETTINGS = ("error_rate", "strategy_penalty", "explain_depth", "context_window", "seed")
+ORACLE_ANSWER_SETTINGS = ("error_rate", "strategy_penalty", "explain_depth", "trace_lines", "context_window", "seed")
 # Where an endpoint without a base_url is served (the official SDK's default).
 DEFAULT_BASE_URLS = {"openai": "https://api.openai.com/v1"}
 DEFAULT_PORTS = {"http": 80, "https": 443}
