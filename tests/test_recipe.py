@@ -36,6 +36,20 @@ def test_the_answers_only_ablation_has_tinys_token_budget_and_answers_only():
     assert ablation.sources == tiny.sources and ablation.eval == tiny.eval and ablation.store == tiny.store
 
 
+def test_tiny_curriculum_is_tiny_with_bare_orca1_step_lines_and_a_longer_orca1_stage():
+    tiny, long = load_recipe("tiny"), load_recipe("tiny-curriculum")
+    assert [(s.name, s.data, s.steps) for s in long.curriculum.stages] == \
+        [("flan", "flan", 60), ("orca1", "orca1", 3500), ("orca2", "orca2", 1800)]
+    assert long.curriculum.stages[0] == tiny.curriculum.stages[0] and long.curriculum.stages[2] == tiny.curriculum.stages[2]
+    for name in ("assistant", "strong"):  # the teachers differ only in how Orca 1 writes a state trace
+        ours, theirs = getattr(long.teachers, name), getattr(tiny.teachers, name)
+        assert ours.oracle.trace_lines == "bare" and theirs.oracle.trace_lines == "styled"
+        assert ours.oracle.model_copy(update={"trace_lines": "styled"}) == theirs.oracle
+    assert (long.sources, long.prompts, long.model, long.train, long.eval, long.seed) == \
+        (tiny.sources, tiny.prompts, tiny.model, tiny.train, tiny.eval, tiny.seed)
+    assert long.control is None
+
+
 def test_a_stage_takes_epochs_or_steps_not_both(tmp_path):
     for stage, ok in [("{name: a, data: flan, epochs: 1}", True), ("{name: a, data: flan, steps: 9}", True),
                       ("{name: a, data: flan}", False), ("{name: a, data: flan, epochs: 1, steps: 9}", False)]:
