@@ -37,17 +37,17 @@ def test_the_answers_only_ablation_has_tinys_token_budget_and_answers_only():
 
 
 def test_tiny_curriculum_is_tiny_with_bare_orca1_step_lines_and_a_longer_orca1_stage():
-    tiny, long = load_recipe("tiny"), load_recipe("tiny-curriculum")
-    assert [(s.name, s.data, s.steps) for s in long.curriculum.stages] == \
+    tiny, longer = load_recipe("tiny"), load_recipe("tiny-curriculum")
+    assert [(s.name, s.data, s.steps) for s in longer.curriculum.stages] == \
         [("flan", "flan", 60), ("orca1", "orca1", 3500), ("orca2", "orca2", 1800)]
-    assert long.curriculum.stages[0] == tiny.curriculum.stages[0] and long.curriculum.stages[2] == tiny.curriculum.stages[2]
+    assert longer.curriculum.stages[0] == tiny.curriculum.stages[0] and longer.curriculum.stages[2] == tiny.curriculum.stages[2]
     for name in ("assistant", "strong"):  # the teachers differ only in how Orca 1 writes a state trace
-        ours, theirs = getattr(long.teachers, name), getattr(tiny.teachers, name)
+        ours, theirs = getattr(longer.teachers, name), getattr(tiny.teachers, name)
         assert ours.oracle.trace_lines == "bare" and theirs.oracle.trace_lines == "styled"
         assert ours.oracle.model_copy(update={"trace_lines": "styled"}) == theirs.oracle
-    assert (long.sources, long.prompts, long.model, long.train, long.eval, long.seed) == \
+    assert (longer.sources, longer.prompts, longer.model, longer.train, longer.eval, longer.seed) == \
         (tiny.sources, tiny.prompts, tiny.model, tiny.train, tiny.eval, tiny.seed)
-    assert long.control is None
+    assert longer.control is None
 
 
 def test_a_stage_takes_epochs_or_steps_not_both(tmp_path):
